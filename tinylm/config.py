@@ -1,0 +1,341 @@
+"""Typed, validated params: `params.yaml` loaded into one frozen dataclass per stage section.
+
+Every key is required and typed; an unknown key, a wrong type or an out-of-range value raises
+`ParamError` naming the dotted key (`train.lr`) and the file. PyYAML (YAML 1.1) reads `6e-4` as a
+string, so floats are also accepted as numeric strings. Stages read only their own sections, and
+`dvc.yaml` declares exactly those keys, so changing `train.lr` reruns pretrain and what follows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tinylm.stage import PipelineError
+
+
+class ParamError(PipelineError, ValueError):
+    """A param in params.yaml is missing, unknown, mistyped or out of range."""
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ParamError(f"{key}: {message}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        _fail(key, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections. Each `check()` holds the range rules that types alone cannot say.
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """A local source given as one file per split (plain text or JSONL)."""
+
+    train: str
+    validation: str
+
+    def check(self, key: str) -> None:
+        for name in ("train", "validation"):
+            _require(bool(getattr(self, name)), f"{key}.{name}", "must be a file path")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # Ordered: the first usable source wins (the hub when reachable, else the offline copy).
+    sources: list[str | SplitFiles]
+    max_train_stories: int
+    max_val_stories: int
+    hub_timeout_s: float
+
+    def check(self, key: str) -> None:
+        _require(len(self.sources) > 0, f"{key}.sources", "list at least one source")
+        _require(self.max_train_stories >= 1, f"{key}.max_train_stories", "must be >= 1")
+        _require(self.max_val_stories >= 1, f"{key}.max_val_stories", "must be >= 1")
+        _require(0 < self.hub_timeout_s <= 30, f"{key}.hub_timeout_s", "must be in (0, 30] seconds")
+        for i, source in enumerate(self.sources):
+            if isinstance(source, SplitFiles):
+                source.check(f"{key}.sources[{i}]")
+            else:
+                _require(bool(source.strip()), f"{key}.sources[{i}]", "must not be empty")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    min_chars: int
+    max_chars: int
+    ascii_punctuation: bool
+    max_nontext_fraction: float
+    # Blank-line separated text (no <|endoftext|> lines): a paragraph matching this regex opens a story.
+    story_start_regex: str
+
+    def check(self, key: str) -> None:
+        _require(self.min_chars >= 1, f"{key}.min_chars", "must be >= 1")
+        _require(self.max_chars > self.min_chars, f"{key}.max_chars", "must be > clean.min_chars")
+        _require(0 < self.max_nontext_fraction <= 1, f"{key}.max_nontext_fraction", "must be in (0, 1]")
+        try:
+            import regex
+
+            regex.compile(self.story_start_regex)
+        except Exception as exc:  # the regex library raises its own error type
+            _fail(f"{key}.story_start_regex", f"not a valid regex: {exc}")
+
+
+@dataclass(frozen=True)
+class TokenizerParams:
+    vocab_size: int
+    special_tokens: list[str]
+    compare_vocab_sizes: list[int]
+    workers: int
+
+    def check(self, key: str) -> None:
+        _require(len(self.special_tokens) >= 1, f"{key}.special_tokens", "must list <|endoftext|>")
+        _require("<|endoftext|>" in self.special_tokens, f"{key}.special_tokens", "must include <|endoftext|>")
+        for i, token in enumerate(self.special_tokens):
+            _require(token != "", f"{key}.special_tokens[{i}]", "a special token cannot be empty")
+        minimum = 256 + len(self.special_tokens)
+        _require(self.vocab_size >= minimum, f"{key}.vocab_size", f"must be >= {minimum} (256 bytes + special tokens)")
+        # Shards store token ids as uint16.
+        _require(self.vocab_size <= 65535, f"{key}.vocab_size", "must be <= 65535 (shards store uint16 ids)")
+        for i, size in enumerate(self.compare_vocab_sizes):
+            # 256 means the bare byte-level baseline (no merges; special tokens come on top).
+            _require(256 <= size <= 65535, f"{key}.compare_vocab_sizes[{i}]", "must be in [256, 65535]")
+        _require(self.workers >= 1, f"{key}.workers", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    shard_tokens: int
+    workers: int
+
+    def check(self, key: str) -> None:
+        _require(self.shard_tokens >= 1024, f"{key}.shard_tokens", "must be >= 1024 tokens")
+        _require(self.workers >= 1, f"{key}.workers", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    n_layer: int
+    n_head: int
+    d_model: int
+    block_size: int
+    dropout: float
+    bias: bool
+
+    def check(self, key: str) -> None:
+        _require(self.n_layer >= 1, f"{key}.n_layer", "must be >= 1")
+        _require(self.n_head >= 1, f"{key}.n_head", "must be >= 1")
+        _require(self.d_model >= 1, f"{key}.d_model", "must be >= 1")
+        _require(self.d_model % self.n_head == 0, f"{key}.d_model",
+                 f"must be divisible by model.n_head ({self.d_model} % {self.n_head} != 0)")
+        _require(self.block_size >= 2, f"{key}.block_size", "must be >= 2")
+        _require(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    compile: bool
+    activation_checkpointing: bool
+    micro_batch_size: int
+    grad_accum_steps: int
+    max_steps: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    eval_interval: int
+    eval_batches: int
+    log_interval: int
+    checkpoint_interval: int
+    peak_flops: float
+
+    def check(self, key: str) -> None:
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+                     "eval_batches", "log_interval", "checkpoint_interval"):
+            _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _require(self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, train.lr]")
+        _require(0 <= self.warmup_steps < self.max_steps, f"{key}.warmup_steps", "must be in [0, train.max_steps)")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1, f"{key}.beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, f"{key}.beta2", "must be in [0, 1)")
+        _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
+        _require(self.peak_flops > 0, f"{key}.peak_flops", "must be > 0 (FLOP/s of the device, for MFU)")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int
+    stride: int
+
+    def check(self, key: str) -> None:
+        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _require(self.stride >= 1, f"{key}.stride", "must be >= 1 (and <= model.block_size)")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompts: list[str]
+    num_samples: int
+    max_new_tokens: int
+    seed: int
+    temperatures: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    min_p: float
+    beam_width: int
+    length_penalty: float
+    contrastive_k: int
+    contrastive_alpha: float
+
+    def check(self, key: str) -> None:
+        _require(len(self.prompts) >= 1, f"{key}.prompts", "list at least one prompt")
+        _require(self.num_samples >= 1, f"{key}.num_samples", "must be >= 1")
+        _require(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+        for i, t in enumerate(self.temperatures):
+            _require(t > 0, f"{key}.temperatures[{i}]", "must be > 0 (use greedy for temperature 0)")
+        for i, k in enumerate(self.top_k):
+            _require(k >= 1, f"{key}.top_k[{i}]", "must be >= 1")
+        for i, p in enumerate(self.top_p):
+            _require(0 < p <= 1, f"{key}.top_p[{i}]", "must be in (0, 1]")
+        _require(0 < self.min_p <= 1, f"{key}.min_p", "must be in (0, 1]")
+        _require(self.beam_width >= 1, f"{key}.beam_width", "must be >= 1")
+        _require(self.length_penalty >= 0, f"{key}.length_penalty", "must be >= 0")
+        _require(self.contrastive_k >= 1, f"{key}.contrastive_k", "must be >= 1")
+        _require(0 <= self.contrastive_alpha <= 1, f"{key}.contrastive_alpha", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    sample_chars: int
+    attention_tokens: int
+
+    def check(self, key: str) -> None:
+        _require(self.sample_chars >= 20, f"{key}.sample_chars", "must be >= 20")
+        _require(self.attention_tokens >= 2, f"{key}.attention_tokens", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    clean: CleanParams
+    tokenizer: TokenizerParams
+    shards: ShardParams
+    model: ModelParams
+    train: TrainParams
+    eval: EvalParams
+    sample: SampleParams
+    report: ReportParams
+
+    def check(self, key: str) -> None:
+        _require(self.eval.stride <= self.model.block_size, "eval.stride", "must be <= model.block_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic conversion from YAML values to the annotated types.
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _convert(value, option, key)
+            except ParamError as exc:
+                errors.append(str(exc))
+        _fail(key, f"matches none of the allowed forms: {'; '.join(errors)}")
+    if origin is list:
+        _require(isinstance(value, list), key, f"must be a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(annotation)
+        return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 6e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, f"must be a number, got {value!r}")
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        _require(math.isfinite(value), key, f"must be finite, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported param type {annotation!r} for {key}")
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    where = key or "params.yaml"
+    _require(isinstance(raw, dict), where, f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{key}." if key else ""
+    for unknown in sorted(set(raw) - set(names)):
+        _fail(f"{prefix}{unknown}", f"unknown key (known: {', '.join(names)})")
+    values = {}
+    for name in names:
+        _require(name in raw, f"{prefix}{name}", "missing")
+        values[name] = _convert(raw[name], hints[name], f"{prefix}{name}")
+    instance = cls(**values)
+    instance.check(key)
+    return instance
+
+
+def parse_params(raw: Any) -> Params:
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate the whole params file; errors name the file and the dotted key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamError(f"{path}: not found (run the stage from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse_params(raw)
+    except ParamError as exc:
+        raise ParamError(f"{path}: {exc}") from None
+
+
+def to_dict(section: Any) -> dict[str, Any]:
+    """A section as plain data (for fingerprints and reports)."""
+    return dataclasses.asdict(section)
+
+
+__all__ = [
+    "CleanParams", "DataParams", "EvalParams", "ModelParams", "ParamError", "Params", "ReportParams",
+    "SampleParams", "ShardParams", "SplitFiles", "TokenizerParams", "TrainParams", "load_params",
+    "parse_params", "to_dict",
+]

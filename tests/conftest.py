@@ -23,3 +23,38 @@ def shared_dir() -> Path:
     if not (SHARED_DIR / "data" / "tinystories").is_dir():
         pytest.fail(f"{SHARED_DIR} is missing: the tests need ../shared beside the checkout (see README)")
     return SHARED_DIR
+
+
+def copy_repo(destination: Path) -> Path:
+    """A fresh git repository at destination/repo holding the project's files (as a clone would),
+    with destination/shared linked to ../shared so relative data paths resolve as in a checkout."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO_ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+    repo = destination / "repo"
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    (destination / "shared").symlink_to(SHARED_DIR)
+    for args in (["init", "-q"], ["add", "-A"],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    return repo
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> str:
+    """Run a command with the test interpreter's bin/ first on PATH (so `python` and `dvc` are ours);
+    return stdout+stderr, failing the test with that output if the command fails."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{output}")
+    return output

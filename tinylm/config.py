@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class DataParams:
     max_train_stories: int
     max_val_stories: int
     hub_timeout_s: float
+    # Blank-line separated text (no <|endoftext|> lines): a paragraph matching this regex opens a story.
+    story_start_regex: str
 
     def check(self, key: str) -> None:
         _require(len(self.sources) > 0, f"{key}.sources", "list at least one source")
@@ -67,6 +70,10 @@ class DataParams:
                 source.check(f"{key}.sources[{i}]")
             else:
                 _require(bool(source.strip()), f"{key}.sources[{i}]", "must not be empty")
+        try:
+            re.compile(self.story_start_regex)
+        except re.error as exc:
+            _fail(f"{key}.story_start_regex", f"not a valid regular expression: {exc}")
 
 
 @dataclass(frozen=True)
@@ -75,19 +82,11 @@ class CleanParams:
     max_chars: int
     ascii_punctuation: bool
     max_nontext_fraction: float
-    # Blank-line separated text (no <|endoftext|> lines): a paragraph matching this regex opens a story.
-    story_start_regex: str
 
     def check(self, key: str) -> None:
         _require(self.min_chars >= 1, f"{key}.min_chars", "must be >= 1")
         _require(self.max_chars > self.min_chars, f"{key}.max_chars", "must be > clean.min_chars")
         _require(0 < self.max_nontext_fraction <= 1, f"{key}.max_nontext_fraction", "must be in (0, 1]")
-        try:
-            import regex
-
-            regex.compile(self.story_start_regex)
-        except Exception as exc:  # the regex library raises its own error type
-            _fail(f"{key}.story_start_regex", f"not a valid regex: {exc}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""params.yaml: typed loading, validation that names the key, and the Hydra profiles."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tinylm.config import ParamError, load_params, parse_params
+
+
+@pytest.fixture(scope="module")
+def raw(repo_root):
+    return yaml.safe_load((repo_root / "params.yaml").read_text())
+
+
+def compose_params(repo_root, overrides=()):
+    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base=None):
+        return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_params_yaml_loads(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.model.d_model % params.model.n_head == 0
+    assert isinstance(params.train.lr, float)
+
+
+def test_params_yaml_is_the_cpu_profile_composed(repo_root, raw):
+    # `dvc repro` reads params.yaml, `dvc exp run` composes conf/: they must agree.
+    assert compose_params(repo_root) == raw
+
+
+def test_gpu_profile_selects_gpt28m(repo_root):
+    params = parse_params(compose_params(repo_root, ["profile=gpu"]))
+    assert (params.model.n_layer, params.model.n_head, params.model.d_model) == (6, 6, 384)
+    assert params.tokenizer.vocab_size == 8192
+    assert params.train.precision == "bf16" and params.train.micro_batch_size == 64
+
+
+def test_hydra_override_of_one_key(repo_root):
+    params = parse_params(compose_params(repo_root, ["train.lr=6e-4"]))
+    assert params.train.lr == pytest.approx(6e-4)
+
+
+@pytest.mark.parametrize("written", ["6e-4", "6.0e-4", 0.0006, "0.0006"])
+def test_floats_load_either_way(raw, written):
+    changed = copy.deepcopy(raw)
+    changed["train"]["lr"] = written
+    assert parse_params(changed).train.lr == pytest.approx(6e-4)
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda r: r["train"].update(lr_typo=1.0), "train.lr_typo"),
+    (lambda r: r.update(extra={}), "extra"),
+    (lambda r: r["train"].pop("lr"), "train.lr"),
+    (lambda r: r["train"].update(max_steps="many"), "train.max_steps"),
+    (lambda r: r["train"].update(max_steps=1.5), "train.max_steps"),
+    (lambda r: r["train"].update(compile="yes"), "train.compile"),
+    (lambda r: r["train"].update(lr=-1.0), "train.lr"),
+    (lambda r: r["train"].update(precision="fp8"), "train.precision"),
+    (lambda r: r["model"].update(d_model=130), "model.d_model"),
+    (lambda r: r["tokenizer"].update(vocab_size=100), "tokenizer.vocab_size"),
+    (lambda r: r["tokenizer"].update(vocab_size=70000), "tokenizer.vocab_size"),
+    (lambda r: r["tokenizer"].update(special_tokens=["<|endoftext|>", ""]), "tokenizer.special_tokens[1]"),
+    (lambda r: r["sample"].update(top_p=[0.9, 1.5]), "sample.top_p[1]"),
+    (lambda r: r["sample"].update(temperatures=[0.0]), "sample.temperatures[0]"),
+    (lambda r: r["data"].update(sources=[]), "data.sources"),
+    (lambda r: r["data"].update(story_start_regex="(unclosed"), "data.story_start_regex"),
+    (lambda r: r["clean"].update(max_chars=10), "clean.max_chars"),
+    (lambda r: r["eval"].update(stride=100000), "eval.stride"),
+])
+def test_bad_params_name_the_key(raw, mutate, key):
+    changed = copy.deepcopy(raw)
+    mutate(changed)
+    with pytest.raises(ParamError) as error:
+        parse_params(changed)
+    assert str(error.value).startswith(f"{key}:"), str(error.value)
+
+
+def test_split_files_source_form(raw):
+    changed = copy.deepcopy(raw)
+    changed["data"]["sources"] = [{"train": "a.txt", "validation": "b.txt"}, "some/dataset"]
+    sources = parse_params(changed).data.sources
+    assert sources[0].train == "a.txt" and sources[1] == "some/dataset"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ParamError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")

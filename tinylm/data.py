@@ -1,0 +1,260 @@
+"""The download stage's logic: pick the first usable source, stream its stories, record provenance.
+
+Sources are tried in the order of `data.sources`; the first usable one wins:
+- a hub dataset id (`roneneldan/TinyStories`), streamed with `datasets.load_dataset(...,
+  streaming=True)`. Before touching it we open one TCP connection to the hub with a short
+  timeout (`data.hub_timeout_s`): offline, `datasets` would otherwise sit in retries for ~25 s.
+- a local folder in the hub's layout (`../shared/data/tinystories`), read by the same
+  `load_dataset` call;
+- `{train: FILE, validation: FILE}`: `.jsonl` (a "text" field per line), `.txt` in the official
+  format (each story followed by a line `<|endoftext|>`), or `.txt` with stories and paragraphs
+  both separated by blank lines (the V1 file as found in the wild), where a paragraph matching
+  `data.story_start_regex` opens a new story.
+
+The source actually used goes into `data/raw/provenance.json`, which clean depends on, so a
+change of source (a different label or different bytes) reruns everything downstream.
+"""
+from __future__ import annotations
+
+import codecs
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+import urllib.request
+
+from tinylm.config import DataParams, SplitFiles
+from tinylm.files import atomic_open, sha256_file, write_json
+from tinylm.stage import PipelineError
+
+EOT_LINE = "<|endoftext|>"
+# Our split names, and the split names of the hub's layout.
+HUB_SPLITS = {"train": "train", "val": "validation"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "hub", "folder" or "files"
+    label: str  # as written in params (recorded in provenance)
+    files: SplitFiles | None = None
+    revision: str | None = None  # the hub's commit sha, read it at that revision
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def probe_hub(name: str, timeout_s: float) -> tuple[str | None, str | None]:
+    """(revision, None) when the hub answers for this dataset within the timeout, else (None, why).
+
+    A real HTTPS request, not a TCP connect: some networks accept any connection and never answer.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            return None, f"{var} is set"
+    url = f"{hub_endpoint()}/api/datasets/{name}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            info = json.load(response)
+    except (OSError, ValueError) as exc:  # URLError, timeouts and bad JSON
+        return None, f"no answer from {url} within {timeout_s:g} s ({getattr(exc, 'reason', exc)})"
+    return info.get("sha"), None
+
+
+def resolve_source(params: DataParams) -> tuple[Source, list[str]]:
+    """The first usable source, and one line per source skipped before it (why)."""
+    skipped: list[str] = []
+    for index, entry in enumerate(params.sources):
+        key = f"data.sources[{index}]"
+        if isinstance(entry, SplitFiles):
+            missing = [p for p in (entry.train, entry.validation) if not Path(p).is_file()]
+            if missing:
+                skipped.append(f"{key}: file not found: {', '.join(missing)}")
+                continue
+            return Source("files", f"train={entry.train} validation={entry.validation}", entry), skipped
+        if Path(entry).is_dir():
+            return Source("folder", entry), skipped
+        if _HUB_ID.match(entry) and not entry.startswith("."):
+            revision, reason = probe_hub(entry, params.hub_timeout_s)
+            if reason is None:
+                return Source("hub", entry, revision=revision), skipped
+            skipped.append(f"{key}: hub dataset {entry} unreachable: {reason}")
+            continue
+        skipped.append(f"{key}: {entry} is neither an existing folder nor a hub dataset id")
+    raise PipelineError(
+        "no usable data source in params.yaml data.sources:\n  " + "\n  ".join(skipped)
+        + "\nFix: add a reachable source to data.sources, e.g. the offline copy ../shared/data/tinystories"
+        " or {train: FILE, validation: FILE}."
+    )
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise a clear error at the first invalid UTF-8 byte (decoding errors must not lose text)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise PipelineError(
+                    f"{path}: not valid UTF-8 at byte {offset + exc.start}. Fix: re-encode the file as"
+                    " UTF-8 (e.g. iconv -f cp1252 -t utf-8)."
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise PipelineError(f"{path}: ends in the middle of a UTF-8 character; the file is truncated") from None
+
+
+def _has_eot_lines(path: Path) -> bool:
+    """True at the first `<|endoftext|>` line (early in the official format), False at the end."""
+    with open(path, encoding="utf-8") as f:
+        return any(line.strip() == EOT_LINE for line in f)
+
+
+def iter_eot_stories(path: Path) -> Iterator[str]:
+    """Stories separated by `<|endoftext|>` lines (the official plain-text format)."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8") as f:  # universal newlines: CRLF becomes \n
+        for line in f:
+            if line.strip() == EOT_LINE:
+                yield "".join(lines).removesuffix("\n")  # that newline belongs to the separator
+                lines = []
+            else:
+                lines.append(line)
+    if "".join(lines).strip():
+        yield "".join(lines)
+
+
+def write_eot_stories(path: Path, stories: Iterable[str]) -> int:
+    """Write stories in the official format (each followed by a `<|endoftext|>` line), atomically."""
+    count = 0
+    with atomic_open(path) as f:
+        for story in stories:
+            f.write(f"{story}\n{EOT_LINE}\n")
+            count += 1
+    return count
+
+
+def iter_blankline_stories(path: Path, story_start: re.Pattern[str]) -> Iterator[str]:
+    """Blank-line separated paragraphs; a paragraph matching `story_start` opens a new story."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+
+    def flush_paragraph() -> Iterator[str]:
+        paragraph = "".join(current).strip("\n")
+        current.clear()
+        if not paragraph.strip():
+            return
+        if story_start.match(paragraph.lstrip()) and paragraphs:
+            yield "\n\n".join(paragraphs)
+            paragraphs.clear()
+        paragraphs.append(paragraph)
+
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                current.append(line)
+            else:
+                yield from flush_paragraph()
+    yield from flush_paragraph()
+    if paragraphs:
+        yield "\n\n".join(paragraphs)
+
+
+def iter_jsonl_stories(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise PipelineError(f'{path}:{number}: each line must be an object with a string "text" field')
+            yield record["text"]
+
+
+def iter_file_stories(path: Path, story_start: re.Pattern[str]) -> Iterator[str]:
+    _check_utf8(path)
+    if path.suffix in (".jsonl", ".json"):
+        return iter_jsonl_stories(path)
+    if _has_eot_lines(path):
+        return iter_eot_stories(path)
+    return iter_blankline_stories(path, story_start)
+
+
+def iter_stories(source: Source, split: str, params: DataParams) -> Iterator[str]:
+    """Every story of one split (`train` or `val`) of the source, in the source's order."""
+    if source.kind == "files":
+        path = Path(source.files.train if split == "train" else source.files.validation)
+        return iter_file_stories(path, re.compile(params.story_start_regex))
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.label, split=HUB_SPLITS[split], streaming=True, revision=source.revision)
+    except Exception as exc:
+        raise PipelineError(f"data.sources: cannot load {source.label} split {HUB_SPLITS[split]}: {exc}") from exc
+    if "text" not in (dataset.column_names or ["text"]):
+        raise PipelineError(f'{source.label}: split {HUB_SPLITS[split]} has no "text" column')
+    return (row["text"] for row in dataset)
+
+
+def download(params: DataParams, out_dir: Path, log=print) -> dict:
+    """Write `{train,val}.jsonl` and `provenance.json` into out_dir; return the provenance record."""
+    started = time.perf_counter()
+    source, skipped = resolve_source(params)
+    for line in skipped:
+        log(f"download: skipped {line}")
+    log(f"download: using {source.kind} source {source.label}")
+    caps = {"train": params.max_train_stories, "val": params.max_val_stories}
+    splits = {}
+    for split in ("train", "val"):
+        path = out_dir / f"{split}.jsonl"
+        count = 0
+        with atomic_open(path) as f:
+            for text in itertools.islice(iter_stories(source, split, params), caps[split]):
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                count += 1
+                if count % 50000 == 0:
+                    rate = count / (time.perf_counter() - started)
+                    log(f"download: {split} {count}/{caps[split]} stories ({rate:.0f}/s)")
+        if count == 0:
+            raise PipelineError(f"{source.label}: split {split} has no stories. Fix: check the source in data.sources.")
+        splits[split] = {"stories": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        log(f"download: {split}: {count} stories, {splits[split]['bytes'] / 1e6:.2f} MB")
+    provenance = {
+        "source": source.label,
+        "kind": source.kind,
+        "revision": source.revision,
+        "source_sha256": _source_hashes(source),
+        "splits": splits,
+    }
+    write_json(out_dir / "provenance.json", provenance)
+    return provenance
+
+
+def _source_hashes(source: Source) -> dict[str, str] | None:
+    """For local sources, the sha256 of every file read (the hub's record is its revision)."""
+    if source.kind == "files":
+        return {split: sha256_file(path) for split, path in
+                (("train", source.files.train), ("val", source.files.validation))}
+    if source.kind == "folder":
+        root = Path(source.label)
+        return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*.parquet"))}
+    return None
+
+
+def read_raw_split(path: Path) -> Iterator[str]:
+    """Stories of a `data/raw/{split}.jsonl` file written by `download`."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing. Fix: run `dvc repro download` first.")
+    return iter_jsonl_stories(path)

@@ -1,0 +1,52 @@
+"""train_bpe stage: learn our byte-level BPE on the clean train split, write data/tokenizer/.
+
+Also writes reports/tokenizer.json (DVC metrics): train time, bytes per token on the validation
+split, and the comparisons of tinylm/bpe_compare.py (HF tokenizers, GPT-2, other vocab sizes).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tinylm import bpe_compare
+from tinylm.bpe import Tokenizer, train_bpe
+from tinylm.config import load_params
+from tinylm.files import write_json
+from tinylm.stage import PipelineError, run_stage
+
+TRAIN = Path("data/clean/train.txt")
+VAL = Path("data/clean/val.txt")
+OUT_DIR = Path("data/tokenizer")
+REPORT = Path("reports/tokenizer.json")
+
+
+def main() -> None:
+    params = load_params().tokenizer
+    for path in (TRAIN, VAL):
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing; run the clean stage first (dvc repro clean)")
+
+    start = time.perf_counter()
+    vocab, merges = train_bpe(TRAIN, params.vocab_size, params.special_tokens, workers=params.workers, progress=True)
+    train_seconds = time.perf_counter() - start
+    tokenizer = Tokenizer(vocab, merges, params.special_tokens)
+    tokenizer.save(OUT_DIR)
+    print(f"trained {tokenizer.vocab_size} tokens ({len(merges)} merges) in {train_seconds:.2f}s -> {OUT_DIR}")
+
+    val_text = VAL.read_text(encoding="utf-8")
+    val_tokens = len(tokenizer.encode(val_text))
+    report = {
+        "vocab_size": tokenizer.vocab_size,
+        "num_merges": len(merges),
+        "train_seconds": round(train_seconds, 3),
+        "val_tokens": val_tokens,
+        "val_bytes_per_token": bpe_compare.bytes_per_token(val_text, val_tokens),
+        "fingerprint": tokenizer.fingerprint,
+        **bpe_compare.compare(tokenizer, TRAIN, val_text, params.compare_vocab_sizes, params.workers),
+    }
+    write_json(REPORT, report)
+    print(f"validation: {report['val_bytes_per_token']} bytes/token -> {REPORT}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,136 @@
+"""The comparisons in reports/tokenizer.json: our BPE against HF `tokenizers`, GPT-2 and other sizes.
+
+All are measured on the same validation text as bytes of UTF-8 per token (higher = fewer tokens
+for the same text, so a longer context per block and less compute per story). Special tokens
+count as one token each under every tokenizer.
+
+- HF `tokenizers` BPE and Unigram, trained on the same stories (split on the special tokens, as
+  ours are) with the same vocab size and GPT-2's byte-level pre-tokenizer, so only the learning
+  algorithm differs; plus Unigram with SentencePiece's whitespace-only pre-tokenizer (Metaspace),
+  its usual setup. Vocab overlap: the share of our learned (multi-byte) tokens they also have.
+- GPT-2 (tiktoken, 50,257 tokens, trained on web text).
+- Our BPE at other vocab sizes (256 = bytes only, no merges), from one pre-token count.
+- A few words as tokens, the material for why LLMs miscount letters.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from tinylm.bpe import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, Tokenizer, str_to_token
+from tinylm.bpe_train import count_pretokens, merge_pretokens
+from tinylm.pretokenize import PreTokenizer, read_utf8
+
+EXAMPLE_WORDS = ("strawberry", " strawberry", " antidisestablishmentarianism", " 1234567")
+# Where the Makefile points tiktoken (GPT-2's files, offline); see ../shared/README.md.
+DEFAULT_TIKTOKEN_CACHE = Path("../shared/tiktoken-cache")
+
+
+def bytes_per_token(text: str, num_tokens: int) -> float:
+    return round(len(text.encode("utf-8")) / max(num_tokens, 1), 4)
+
+
+def _shown(token: bytes) -> str:
+    """A token as readable text; a token ending inside a UTF-8 character shows U+FFFD."""
+    return token.decode("utf-8", errors="replace")
+
+
+def _learned(tokens: set[bytes]) -> set[bytes]:
+    return {token for token in tokens if len(token) > 1}
+
+
+def _documents(path: str | os.PathLike, pretokenizer: PreTokenizer) -> Iterator[str]:
+    """The text between special tokens, streamed (HF's trainers keep only their word counts)."""
+    for block in pretokenizer.blocks(read_utf8(path)):
+        yield from filter(None, pretokenizer.ordinary_pieces(block))
+
+
+def train_hf(kind: str, documents: Iterable[str], vocab_size: int, special_tokens: Sequence[str]):
+    """An HF tokenizer: kind is "bpe" or "unigram" (byte-level) or "unigram_metaspace"."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    common = dict(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False)
+    if kind == "unigram_metaspace":
+        tokenizer = HFTokenizer(models.Unigram())
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(unk_token="<unk>", **common)
+    else:
+        tokenizer = HFTokenizer(models.BPE() if kind == "bpe" else models.Unigram())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer_class = trainers.BpeTrainer if kind == "bpe" else trainers.UnigramTrainer
+        trainer = trainer_class(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common)
+    tokenizer.train_from_iterator(documents, trainer)
+    return tokenizer
+
+
+def hf_token_bytes(kind: str, token: str) -> bytes:
+    if kind == "unigram_metaspace":
+        return token.replace("▁", " ").encode("utf-8")
+    return str_to_token(token, f"HF {kind} vocab")
+
+
+def gpt2_encoding():
+    """tiktoken's `gpt2` from the local cache, or None when GPT-2's files are not there."""
+    cache = Path(os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DEFAULT_TIKTOKEN_CACHE)))
+    if not ((cache / GPT2_VOCAB_FILE).is_file() and (cache / GPT2_MERGES_FILE).is_file()):
+        return None
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def compare(tokenizer: Tokenizer, train_path: str | os.PathLike, val_text: str, compare_sizes: Sequence[int],
+            workers: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Everything but our own headline numbers; see the module docstring."""
+    special_tokens = list(tokenizer.special_tokens)
+    ours_learned = _learned({t for i, t in tokenizer.vocab.items() if i not in tokenizer.special_tokens.values()})
+    pretokenizer = PreTokenizer(special_tokens)
+    # Specials never merge with their neighbours, so the pieces between them encode separately.
+    val_parts = pretokenizer.split_specials(val_text)
+    val_pieces, val_specials = [p for p in val_parts[::2] if p], len(val_parts) // 2
+
+    result: dict[str, Any] = {}
+    for kind in ("bpe", "unigram", "unigram_metaspace"):
+        log(f"training HF tokenizers {kind} (vocab {tokenizer.vocab_size})")
+        hf = train_hf(kind, _documents(train_path, pretokenizer), tokenizer.vocab_size, special_tokens)
+        theirs = _learned({hf_token_bytes(kind, t) for t in hf.get_vocab() if t not in special_tokens})
+        val_tokens = val_specials + sum(len(e.ids) for e in hf.encode_batch(val_pieces))
+        result[f"hf_{kind}"] = {
+            "vocab_size": hf.get_vocab_size(),
+            "val_tokens": val_tokens,
+            "val_bytes_per_token": bytes_per_token(val_text, val_tokens),
+            "vocab_overlap": round(len(ours_learned & theirs) / max(len(ours_learned), 1), 4),
+        }
+
+    encoding = gpt2_encoding()
+    gpt2_tokens = {}
+    if encoding is not None:
+        ids = encoding.encode(val_text, allowed_special=set(special_tokens) & encoding.special_tokens_set)
+        result["gpt2"] = {"vocab_size": encoding.n_vocab, "val_tokens": len(ids),
+                          "val_bytes_per_token": bytes_per_token(val_text, len(ids))}
+        gpt2_tokens = {w: [_shown(encoding.decode_single_token_bytes(i)) for i in encoding.encode(w)]
+                       for w in EXAMPLE_WORDS}
+    else:
+        log("GPT-2's files are not in TIKTOKEN_CACHE_DIR: the GPT-2 comparison is left out")
+
+    log(f"training our BPE at vocab sizes {list(compare_sizes)}")
+    word_counts = count_pretokens(train_path, special_tokens, workers)
+    sizes = {}
+    for size in compare_sizes:
+        vocab, merges = merge_pretokens(word_counts, max(size, 256 + len(special_tokens)), special_tokens)
+        ids = Tokenizer(vocab, merges, special_tokens).encode(val_text)
+        sizes[str(size)] = {"vocab_size": len(vocab), "val_tokens": len(ids),
+                            "val_bytes_per_token": bytes_per_token(val_text, len(ids))}
+    result["vocab_sizes"] = sizes
+
+    result["examples"] = {
+        word: {"ours": [_shown(tokenizer.vocab[i]) for i in tokenizer.encode(word)],
+               **({"gpt2": gpt2_tokens[word]} if gpt2_tokens else {})}
+        for word in EXAMPLE_WORDS
+    }
+    return result
+
+
+__all__ = ["EXAMPLE_WORDS", "bytes_per_token", "compare", "gpt2_encoding", "hf_token_bytes", "train_hf"]

@@ -24,7 +24,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from tinylm.bpe_train import train_bpe
+from tinylm.bpe_train import merge_pair, train_bpe
 from tinylm.files import fsync_dir, sha256_file, write_json, write_text
 from tinylm.pretokenize import GPT2_PATTERN, PRETOKEN_RE, PreTokenizer, TokenizerError
 
@@ -160,17 +160,7 @@ class Tokenizer:
             if best not in table:
                 break
             left, right = best
-            merged = table[best][1]
-            out = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids = merge_pair(ids, left, right, table[best][1])
         return tuple(ids)
 
     def encode(self, text: str) -> list[int]:

@@ -102,7 +102,8 @@ def _descending_key(token: bytes) -> str:
     return "".join(chr(255 - b) for b in token) + chr(256)
 
 
-def _merge_word(word: list[int], left: int, right: int, merged: int) -> list[int]:
+def merge_pair(word: Sequence[int], left: int, right: int, merged: int) -> list[int]:
+    """`word` with every non-overlapping (left, right), scanned left to right, replaced by `merged`."""
     out = []
     i, n = 0, len(word)
     while i < n:
@@ -157,7 +158,7 @@ def merge_pretokens(word_counts: Mapping[str, int], vocab_size: int, special_tok
             gained = set()
             for index in where.pop((a, b)):
                 old_word = words[index]
-                new_word = _merge_word(old_word, a, b, new)
+                new_word = merge_pair(old_word, a, b, new)
                 if len(new_word) == len(old_word):
                     continue  # the index is stale: an earlier merge took the pair out of this word
                 weight = counts[index]

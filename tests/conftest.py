@@ -5,12 +5,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 # tiktoken must find GPT-2's files offline.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DIR / "tiktoken-cache"))
+# One thread per process, stage subprocesses included: pytest-xdist already keeps both cores busy,
+# and tiny ops on a second OpenMP thread spin-wait for a busy core (modules ran 20x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

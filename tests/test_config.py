@@ -4,10 +4,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from tinylm.model import GPT, GPTConfig
 from tinylm.config import ParamError, load_params, parse_params
 
 
@@ -34,8 +36,11 @@ def test_params_yaml_is_the_cpu_profile_composed(repo_root, raw):
 
 def test_gpu_profile_selects_gpt28m(repo_root):
     params = parse_params(compose_params(repo_root, ["profile=gpu"]))
-    assert (params.model.n_layer, params.model.n_head, params.model.d_model) == (6, 6, 384)
+    assert (params.model.n_layer, params.model.n_head, params.model.block_size) == (6, 6, 256)
     assert params.tokenizer.vocab_size == 8192
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_params(params.model, params.tokenizer.vocab_size))
+    assert 27e6 < model.num_params() < 30e6  # "gpt28m"
     assert params.train.precision == "bf16" and params.train.micro_batch_size == 64
 
 

@@ -1,0 +1,51 @@
+"""pretrain: data/shards + data/tokenizer -> data/model/{model.pt,model.json} + reports/train/ (dvclive).
+
+Resumes from the scratch checkpoint checkpoints/pretrain/last.pt when it belongs to this run
+(see tinylm/checkpoint.py for why it lives outside DVC's outputs) and deletes it after success.
+Multi-process: `torchrun --nproc_per_node=2 stages/pretrain.py` (gloo on CPU, NCCL on CUDA);
+rank 0 alone writes the outputs.
+"""
+from pathlib import Path
+
+from tinylm.bpe import load_tokenizer
+from tinylm.checkpoint import remove_checkpoint
+from tinylm.config import load_params, to_dict
+from tinylm.files import write_json
+from tinylm.model import GPTConfig, save_model
+from tinylm.shards import load_split
+from tinylm.stage import run_stage
+from tinylm.trainer import train
+
+TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
+CHECKPOINT = Path("checkpoints/pretrain/last.pt")
+REPORTS = Path("reports/train")
+
+
+def main() -> None:
+    params = load_params()
+    tokenizer = load_tokenizer(TOKENIZER)
+    train_tokens = load_split(SHARDS, "train", tokenizer.fingerprint)
+    val_tokens = load_split(SHARDS, "val", tokenizer.fingerprint)
+    config = GPTConfig.from_params(params.model, tokenizer.vocab_size)
+    result = train(config, params.train, train_tokens, val_tokens, checkpoint_path=CHECKPOINT,
+                   log_dir=REPORTS, tokenizer_fingerprint=tokenizer.fingerprint)
+    if not result.is_main:
+        return
+    summary = {
+        "config": to_dict(config),
+        "params": result.model.num_params(),
+        "params_without_embeddings": result.model.num_params(include_embeddings=False),
+        "steps": result.steps,
+        "tokens_trained": result.tokens,
+        "final_train_loss": result.train_loss,
+        "final_val_loss": result.val_loss,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+    save_model(result.model, MODEL / "model.pt", extra=summary)
+    write_json(MODEL / "model.json", summary)
+    remove_checkpoint(CHECKPOINT)
+    print(f"pretrain: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f} -> {MODEL}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

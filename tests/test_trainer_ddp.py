@@ -1,0 +1,57 @@
+"""DDP: a 2-process gloo run under torchrun matches a 1-process run with the same effective batch.
+
+Run as a script, this file is the torchrun worker: `python -m torch.distributed.run
+--standalone --nproc_per_node=2 tests/test_trainer_ddp.py OUT_DIR`.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinylm.trainer import train
+from trainer_helpers import CONFIG, TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, params, run, single_thread  # noqa: F401
+
+# The same 8 sequences per step: 2 per micro-batch x 2 accumulation steps x 2 ranks, or x 4 steps x 1 rank.
+DDP_PARAMS = params(micro_batch_size=2, grad_accum_steps=2, max_steps=10, eval_interval=5, checkpoint_interval=5)
+SINGLE_PARAMS = params(micro_batch_size=2, grad_accum_steps=4, max_steps=10, eval_interval=5, checkpoint_interval=5)
+
+
+def worker(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    result = train(CONFIG, DDP_PARAMS, TRAIN, VAL, checkpoint_path=out_dir / "ckpt" / "last.pt",
+                   log_dir=out_dir / "reports", tokenizer_fingerprint=TOKENIZER_FINGERPRINT)
+    if result.is_main:
+        torch.save(result.model.state_dict(), out_dir / "final.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+def test_two_process_gloo_run_matches_one_process_with_the_same_effective_batch(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__)), str(tmp_path / "ddp")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 process(es)" in done.stdout and done.stdout.count("model:") == 1  # rank 0 alone prints
+
+    single = run(tmp_path / "single", SINGLE_PARAMS)
+    largest = 0.0
+    for name in ("train_loss", "grad_norm", "val_loss"):
+        a, b = logged(tmp_path / "single", name), logged(tmp_path / "ddp", name)
+        assert a.keys() == b.keys()
+        largest = max(largest, max(abs(a[s] - b[s]) for s in a))
+        assert largest < 1e-4, name
+    print(f"largest DDP vs single-process difference: {largest:.3g}")
+    ddp_weights = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    for name, p in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_weights[name], p, atol=1e-4, rtol=1e-3, msg=name)
+    # The checkpoint holds every rank's RNG state, written by rank 0 alone.
+    checkpoint = torch.load(tmp_path / "ddp" / "ckpt" / "last.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2 and checkpoint["fingerprint_inputs"]["world_size"] == 2
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))

@@ -1,0 +1,471 @@
+"""reports/report.md: what the pipeline did, built from its outputs only (no recomputation of results).
+
+Every number comes from a file an earlier stage wrote; the model's insides (attention, weights)
+are read from data/model. A missing input, or one without an expected key, is a PipelineError
+naming the file and the stage to rerun. Figures go to reports/figures/ and the markdown links
+them relatively, so the report renders on GitHub; the markdown is written last, after every
+figure it links, and each file is replaced atomically.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from tinylm import internals, plotting
+from tinylm.bpe import Tokenizer, load_tokenizer
+from tinylm.config import Params
+from tinylm.data import iter_eot_stories
+from tinylm.evaluate import load_trained_model
+from tinylm.files import write_text
+from tinylm.stage import PipelineError
+
+REPORT = Path("reports/report.md")
+FIGURES = Path("reports/figures")
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens per parameter
+# dvclive series the training section plots (reports/train/plots/metrics/<name>.tsv).
+TRAIN_SERIES = ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input of the report and the stage that writes it."""
+
+    path: Path
+    stage: str
+
+    def fail(self, problem: str) -> PipelineError:
+        return PipelineError(f"{self.path}: {problem}. It is written by the {self.stage} stage; "
+                             f"fix: run `dvc repro {self.stage}`")
+
+
+CLEAN = Source(Path("reports/clean.json"), "clean")
+PROVENANCE = Source(Path("data/raw/provenance.json"), "download")
+CLEAN_VAL = Source(Path("data/clean/val.txt"), "clean")
+TOKENIZER_REPORT = Source(Path("reports/tokenizer.json"), "train_bpe")
+TOKENIZER_DIR = Source(Path("data/tokenizer"), "train_bpe")
+SHARDS = Source(Path("reports/shards.json"), "encode_shards")
+MODEL_DIR = Source(Path("data/model"), "pretrain")
+MODEL_SUMMARY = Source(Path("data/model/model.json"), "pretrain")
+TRAIN_METRICS = Source(Path("reports/train/metrics.json"), "pretrain")
+TRAIN_PLOTS = Source(Path("reports/train/plots/metrics"), "pretrain")
+EVAL = Source(Path("reports/eval.json"), "evaluate_ppl")
+SAMPLING = Source(Path("reports/sampling.json"), "sample_sweep")
+SAMPLES = Source(Path("reports/samples.jsonl"), "sample_sweep")
+
+
+class Record(dict):
+    """A JSON object that, asked for a key it lacks, names its file and the stage to rerun."""
+
+    def __init__(self, items: dict, source: Source):
+        super().__init__(items)
+        self.source = source
+
+    def __missing__(self, key: str) -> Any:
+        raise self.source.fail(f"has no key {key!r} (written by an older or different version of the stage)")
+
+
+def _require(root: Path, source: Source) -> Path:
+    path = root / source.path
+    if not path.exists():
+        raise source.fail("missing")
+    return path
+
+
+def _parse_json(text: str, source: Source) -> Any:
+    try:
+        return json.loads(text, object_hook=lambda items: Record(items, source))
+    except ValueError as exc:
+        raise source.fail(f"not valid JSON ({exc})") from None
+
+
+def read_json(root: Path, source: Source) -> Record:
+    return _parse_json(_require(root, source).read_text(encoding="utf-8"), source)
+
+
+def read_jsonl(root: Path, source: Source) -> list[Record]:
+    lines = _require(root, source).read_text(encoding="utf-8").splitlines()
+    return [_parse_json(line, source) for line in lines if line.strip()]
+
+
+def read_series(root: Path, name: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one dvclive metric: a TSV with a header `step<TAB>name`."""
+    source = Source(TRAIN_PLOTS.path / f"{name}.tsv", TRAIN_PLOTS.stage)
+    with open(_require(root, source), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "step" not in rows[0] or name not in rows[0]:
+        raise source.fail(f"expected a header 'step\\t{name}' and at least one row")
+    return [int(row["step"]) for row in rows], [float(row[name]) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~&])")
+
+
+def escape(text: str) -> str:
+    """Text for a table cell: markdown punctuation escaped (a `|` would end the cell), newlines as <br>."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric_from: int = 1) -> list[str]:
+    """A pipe table; columns from `numeric_from` on are right-aligned (they hold numbers)."""
+    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def code_block(text: str) -> list[str]:
+    """Verbatim text in a fence longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}text", text, fence, ""]
+
+
+def shown_token(token: str) -> str:
+    """A token in a code span, its spaces visible as ␣ (leading spaces are part of BPE tokens)."""
+    return "`" + token.replace(" ", "␣").replace("`", "'").replace("|", "\\|") + "`"
+
+
+def number(value: float, digits: int = 3) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def count(value: int) -> str:
+    return f"{value:,}"
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def short(value: float) -> str:
+    """A large count in a sentence: 1,234,567 -> 1.23M."""
+    for factor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+class Report:
+    """Markdown lines and the figures they link, built section by section."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.figures: dict[str, Figure] = {}
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def figure(self, name: str, fig: Figure, alt: str) -> None:
+        self.figures[f"{name}.png"] = fig
+        self.add(f"![{alt}](figures/{name}.png)", "")
+
+    def markdown(self) -> str:
+        return "\n".join(self.lines).rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def data_section(report: Report, root: Path, shards: Record) -> None:
+    clean, provenance = read_json(root, CLEAN), read_json(root, PROVENANCE)
+    splits = ("train", "val")
+    report.add("## Data", "",
+               f"Source: `{provenance['source']}` ({provenance['kind']}). Stories per split through the pipeline: "
+               "read by download, kept by clean (mojibake repaired in place), and tokens in the shards "
+               "(each story followed by `<|endoftext|>`).", "")
+    report.add(*table(["split", "stories downloaded", "stories kept", "mojibake repaired", "tokens",
+                       "text bytes per token"],
+                      [[split, count(provenance["splits"][split]["stories"]), count(clean[split]["stories_out"]),
+                        count(clean[split]["mojibake_repaired"]), count(shards[split]["tokens"]),
+                        number(shards[split]["bytes_per_token"], 2)] for split in splits]))
+    reasons = sorted(set(clean["train"]["dropped"]) | set(clean["val"]["dropped"]))
+    rows = [[reason, *(count(clean[split]["dropped"].get(reason, 0)) for split in splits)] for reason in reasons]
+    rows.append(["**total dropped**", *(count(clean[s]["stories_in"] - clean[s]["stories_out"]) for s in splits)])
+    report.add("Stories dropped by the clean stage, per reason:", "", *table(["reason", "train", "val"], rows))
+
+
+def tokenizer_section(report: Report, root: Path, d_model: int) -> None:
+    stats = read_json(root, TOKENIZER_REPORT)
+    report.add("## Tokenizer", "",
+               f"Our byte-level BPE: {count(stats['vocab_size'])} tokens ({count(stats['num_merges'])} merges), "
+               f"trained in {number(stats['train_seconds'], 1)} s. Compression on the validation text, in UTF-8 "
+               "bytes per token (higher means shorter sequences: more story per context window, less compute "
+               "per story). The Hugging Face tokenizers are trained on the same stories with the same vocab size; "
+               "vocab overlap is the share of our multi-byte tokens they also learned.", "")
+    rows = [("ours (BPE)", stats["vocab_size"], stats["val_bytes_per_token"], None)]
+    for key, label in (("hf_bpe", "HF BPE"), ("hf_unigram", "HF Unigram"),
+                       ("hf_unigram_metaspace", "HF Unigram (Metaspace)")):
+        hf = stats[key]
+        rows.append((label, hf["vocab_size"], hf["val_bytes_per_token"], hf["vocab_overlap"]))
+    if "gpt2" in stats:
+        rows.append(("GPT-2 (tiktoken)", stats["gpt2"]["vocab_size"], stats["gpt2"]["val_bytes_per_token"], None))
+    report.add(*table(["tokenizer", "vocab size", "bytes per token", "vocab overlap with ours"],
+                      [[label, count(size), number(bpt, 3), "–" if overlap is None else f"{overlap:.1%}"]
+                       for label, size, bpt, overlap in rows]))
+    if "gpt2" not in stats:
+        report.add("GPT-2 is missing: its files were not in `TIKTOKEN_CACHE_DIR` when train_bpe ran.", "")
+    sizes = sorted(stats["vocab_sizes"].values(), key=lambda entry: entry["vocab_size"])
+    bars = [(f"{label}, vocab {count(size)}", bpt, label.split(" ")[0]) for label, size, bpt, _ in rows]
+    bars += [(f"ours (BPE), vocab {count(s['vocab_size'])}", s["val_bytes_per_token"], "ours")
+             for s in sizes if s["vocab_size"] != stats["vocab_size"]]
+    report.figure("tokenizer_bytes_per_token", plotting.bytes_per_token_chart(bars),
+                  "Bytes per token of each tokenizer and vocabulary size")
+
+    report.add("Our BPE at other vocabulary sizes (256 is raw bytes, no merges). A bigger vocabulary shortens the "
+               f"sequences but costs an embedding row per token: at this model's d_model = {d_model}, each "
+               "token adds that many parameters (twice without weight tying).", "")
+    report.add(*table(["vocab size", "validation tokens", "bytes per token", "embedding parameters"],
+                      [[count(s["vocab_size"]), count(s["val_tokens"]), number(s["val_bytes_per_token"], 3),
+                        count(s["vocab_size"] * d_model)] for s in sizes]))
+
+    examples = stats["examples"]
+    has_gpt2 = all("gpt2" in tokens for tokens in examples.values())
+    report.add("How words reach the model:", "")
+    report.add(*table(["text", "ours", *(["GPT-2"] if has_gpt2 else [])],
+                      [[shown_token(word), " ".join(map(shown_token, tokens["ours"])),
+                        *([" ".join(map(shown_token, tokens["gpt2"]))] if has_gpt2 else [])]
+                       for word, tokens in examples.items()], numeric_from=3))
+    variants = [word for word in examples if word.strip() == "strawberry"]
+    if variants:
+        spelled = "; ".join(
+            f"{shown_token(word)} is {len(pieces)} token{'s' if len(pieces) > 1 else ''} "
+            f"({' '.join(map(shown_token, pieces))}, holding {' + '.join(str(p.count('r')) for p in pieces)} r's)"
+            for word, pieces in ((word, examples[word]["ours"]) for word in variants))
+        report.add(f"**Why LLMs miscount letters.** `strawberry` has 3 r's, but a model never sees letters. In our "
+                   f"tokenizer, {spelled}. Each token is one id, an opaque row of the embedding table: the letters it "
+                   "spells are not in the input and can only be inferred from how the token is used. Counting "
+                   "the r's asks the model to spell tokens it only ever saw as wholes, and the pieces change with "
+                   "context (a leading space, a capital letter), so the same word hides its letters differently.",
+                   "")
+
+
+def model_section(report: Report, summary: Record, shards: Record, batch_tokens: int) -> None:
+    config = summary["config"]
+    params, params_no_emb, tokens = summary["params"], summary["params_without_embeddings"], summary["tokens_trained"]
+    per_param = tokens / params
+    optimal = CHINCHILLA_TOKENS_PER_PARAM * params
+    report.add("## Model", "",
+               "A GPT-2 style decoder: pre-LayerNorm blocks, learned positions, GELU MLP, LM head tied to the "
+               "token embedding.", "")
+    report.add(*table(["setting", "value"], [[name, config[name]] for name in
+                                             ("vocab_size", "block_size", "n_layer", "n_head", "d_model",
+                                              "dropout", "bias")]))
+    report.add(*table(["quantity", "value"], [
+        ["parameters (with embeddings; tied head counted once)", count(params)],
+        ["parameters without embeddings (token and position)", count(params_no_emb)],
+        ["optimizer steps", count(summary["steps"])],
+        ["tokens per step", count(batch_tokens)],
+        ["training tokens", count(tokens)],
+        ["epochs over the train shards", number(tokens / shards["train"]["tokens"], 2)],
+        ["tokens per parameter", number(per_param, 2)],
+        ["tokens per non-embedding parameter", number(tokens / params_no_emb, 2)],
+    ]))
+    verdict = ("fewer tokens than compute-optimal: a longer run (or a smaller model) would spend the same compute "
+               "better" if per_param < CHINCHILLA_TOKENS_PER_PARAM else
+               "more tokens than compute-optimal, which buys a better model per parameter (cheaper to run) "
+               "at extra training compute")
+    report.add(f"Chinchilla (Hoffmann et al., 2022) puts the compute-optimal budget near "
+               f"{CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter, {count(optimal)} tokens for this model. "
+               f"This run trained on {number(per_param, 2)} tokens per parameter "
+               f"({per_param / CHINCHILLA_TOKENS_PER_PARAM:.3g}× that ratio): {verdict}.", "")
+
+
+def training_section(report: Report, root: Path, metrics: Record, summary: Record, grad_clip: float) -> None:
+    series = {name: read_series(root, name) for name in TRAIN_SERIES}
+    batch_tokens = metrics["batch_tokens"]
+    report.add("## Training", "",
+               "Loss of each logged training batch (before its update) and of the fixed validation batches, "
+               f"against optimizer steps and against training tokens ({count(batch_tokens)} per step). "
+               "Source: the dvclive logs in `reports/train/`.", "")
+    report.figure("loss", plotting.loss_curves(*series["train_loss"], *series["val_loss"], batch_tokens),
+                  "Train and validation loss against step and tokens")
+    report.figure("training_dynamics", plotting.training_dynamics(
+        series["lr"], series["grad_norm"], series["tokens_per_s"], grad_clip),
+        "Learning rate, gradient norm and throughput against step")
+    report.add(*table(["quantity", "value"], [
+        ["final train loss (last logged batch)", number(summary["final_train_loss"], 4)],
+        ["final validation loss", number(summary["final_val_loss"], 4)],
+        # Medians over the logged windows: the first ones include warm-up and compilation.
+        ["median throughput (tokens/s)", count(round(float(np.median(series["tokens_per_s"][1]))))],
+        ["median model FLOPs utilisation (of train.peak_flops)", f"{float(np.median(series['mfu'][1])):.1%}"],
+        ["training time", duration(metrics["elapsed_s"])],
+    ]))
+
+
+def evaluation_section(report: Report, ev: Record) -> None:
+    baselines = ev["baselines"]
+    vocab = baselines["uniform"]["ppl"]
+    uniform_bits = ev["tokens_evaluated"] * math.log2(vocab)
+    rows = [["**trained model**", number(ev["val_loss"], 4), number(ev["val_ppl"], 2), number(ev["val_bpb"], 4)]]
+    for key, label in (("untrained", "untrained model (same init)"), ("unigram", "unigram (train token frequencies)")):
+        rows.append([label, number(baselines[key]["loss"], 4), number(baselines[key]["ppl"], 2),
+                     number(baselines[key]["bpb"], 4)])
+    rows.append(["uniform over the vocabulary", number(math.log(vocab), 4), number(vocab, 2),
+                 number(uniform_bits / ev["bytes_evaluated"], 4)])
+    report.add("## Evaluation", "",
+               f"Exact perplexity on the whole validation split: {count(ev['tokens_evaluated'])} tokens "
+               f"({count(ev['bytes_evaluated'])} bytes), windows of {ev['block_size']} tokens sliding by "
+               f"{ev['stride']}. Loss is in nats per token; bits per byte divides the total loss in bits by the "
+               "text's UTF-8 bytes, so it compares across tokenizers where perplexity cannot.", "")
+    report.add(*table(["model", "loss (nats/token)", "perplexity", "bits per byte"], rows))
+    gain = baselines["unigram"]["ppl"] / ev["val_ppl"]
+    if gain > 1:
+        report.add(f"The trained model's perplexity is {number(gain, 1)}× lower than the best context-free guess "
+                   "(unigram): that gap is what attention and depth buy.", "")
+    else:
+        report.add("The trained model does no better than the context-free unigram baseline: it has not yet "
+                   "learned to use its context (train longer, or check the learning rate).", "")
+
+
+def trim(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip() + "…"
+
+
+def sample_cell(prompt: str, completion: str, limit: int) -> str:
+    """The prompt in bold (its surrounding spaces outside the markers, or markdown ignores them)
+    followed by the completion trimmed to `limit` characters, escaped for a table cell."""
+    core = prompt.strip()
+    lead, tail = prompt[:len(prompt) - len(prompt.lstrip())], prompt[len(prompt.rstrip()):]
+    bold = f"{escape(lead)}**{escape(core)}**{escape(tail)}" if core else escape(prompt)
+    return bold + escape(trim(completion, limit))
+
+
+def sampling_section(report: Report, root: Path, sample_chars: int) -> None:
+    metrics, samples = read_json(root, SAMPLING), read_jsonl(root, SAMPLES)
+    # The sweep's order (greedy, temperatures, truncations, searches), which samples.jsonl keeps;
+    # sampling.json's keys are sorted alphabetically.
+    names = list(dict.fromkeys([s["config"] for s in samples if s["config"] in metrics] + list(metrics)))
+    report.add("## Sampling", "",
+               "Each decoding config on the same prompts and seeds. distinct-n: share of unique word n-grams "
+               "per sample; rep-4: share of 4-grams repeating an earlier one; entropy: the model's next-token "
+               "entropy along the text (nats); self-ppl: the model's perplexity of its own sample (low = text it "
+               "finds likely); EOT: share of samples that ended the story.", "")
+    columns = (("distinct_1", 3), ("distinct_2", 3), ("repetition_4", 3), ("entropy", 3), ("self_ppl", 2),
+               ("mean_length", 1), ("eot_rate", 2))
+    report.add(*table(["config", "distinct-1", "distinct-2", "rep-4", "entropy", "self-ppl", "mean tokens", "EOT",
+                       "samples"],
+                      [[f"`{name}`", *(number(metrics[name][key], digits) for key, digits in columns),
+                        count(metrics[name]["num_samples"])] for name in names]))
+    report.figure("diversity_coherence", plotting.diversity_vs_coherence(
+        {name: (metrics[name]["distinct_2"], metrics[name]["self_ppl"]) for name in names}),
+        "Distinct-2 against self-perplexity, one point per decoding config")
+    report.add(f"Every sample, trimmed to {sample_chars} characters after the prompt (in bold); the full texts "
+               "are in [samples.jsonl](samples.jsonl).", "")
+    report.add(*table(["config", "seed", "sample"],
+                      [[f"`{s['config']}`", "–" if s["seed"] is None else s["seed"],
+                        sample_cell(s["prompt"], s["completion"], sample_chars)] for s in samples], numeric_from=3))
+
+
+def attention_story(root: Path, tokenizer: Tokenizer, length: int) -> tuple[list[int], str]:
+    """The first validation story's first tokens, after <|endoftext|> as every story is in training."""
+    path = _require(root, CLEAN_VAL)
+    story = next(iter_eot_stories(path), None)
+    if story is None:
+        raise CLEAN_VAL.fail("holds no story")
+    ids = [tokenizer.eot_id, *tokenizer.encode(story)][:length]
+    return ids, tokenizer.decode(ids[1:])
+
+
+def head_verdict(share: float, pattern: str) -> str:
+    """Name a head's pattern only when it is clear: over half of its attention goes there."""
+    return pattern if share > 0.5 else "too spread out to call it a specialised head"
+
+
+def inside_section(report: Report, root: Path, attention_tokens: int) -> None:
+    tokenizer = load_tokenizer(_require(root, TOKENIZER_DIR))
+    model = load_trained_model(_require(root, MODEL_DIR), tokenizer, torch.device("cpu"))
+    ids, text = attention_story(root, tokenizer, min(attention_tokens, model.config.block_size))
+    probs = internals.attention_probabilities(model, torch.tensor(ids))
+    # Figure labels: DejaVu draws ␣ too small to read at 8 pt, so spaces show as a middle dot.
+    labels = [tokenizer.decode([i]).replace(" ", "·").replace("\n", "↵") for i in ids]
+    report.add("## Inside the model", "",
+               f"Attention of every head on the first {len(ids)} tokens of the first validation story "
+               "(after `<|endoftext|>`, as in training). Row = the query token, column = the token it attends "
+               "to; blank cells are the future, which a causal model cannot see.", "", *code_block(text))
+    report.figure("attention_heads", plotting.attention_grid(probs.numpy()), "Attention heatmaps of every head")
+
+    previous, first = internals.attention_to_previous(probs), internals.attention_to_first(probs)
+    layer, head = divmod(int(previous.argmax()), model.config.n_head)
+    sink_layer, sink_head = divmod(int(first.argmax()), model.config.n_head)
+    previous_share, sink_share = float(previous[layer, head]), float(first[sink_layer, sink_head])
+    previous_kind = head_verdict(previous_share, "a previous-token head, the first half of an induction circuit")
+    sink_kind = head_verdict(sink_share, "an attention sink, where a head parks probability it does not need")
+    report.add(f"Layer {layer} head {head} puts the most attention on the previous token: {previous_share:.0%} on "
+               f"average ({previous_kind}). Layer {sink_layer} head {sink_head} puts the most on the first token: "
+               f"{sink_share:.0%} ({sink_kind}).", "")
+    report.figure("attention_previous_token_head", plotting.attention_head(
+        probs[layer, head].numpy(), labels, f"Layer {layer} head {head}: attention by token (· = space)"),
+        "Attention of the strongest previous-token head, with tokens")
+
+    matrices = internals.weight_matrices(model)
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for m in matrices:
+        title = {"wte": "wte (tokens; = LM head)", "wpe": "wpe (position embedding)"}.get(m.name, m.name)
+        series = f"layer {m.layer}" if m.layer is not None else m.name
+        groups.setdefault(title, {})[series] = m.weight.flatten().float().numpy()
+    report.add("Weights: one histogram per matrix kind and layer (q, k and v are the thirds of the fused qkv "
+               "projection). Spectral norm = the largest singular value, the most a matrix can stretch a vector; "
+               "a layer whose norms grow far beyond the others amplifies its input.", "")
+    report.figure("weight_histograms", plotting.weight_histograms(groups), "Weight histograms per matrix and layer")
+    norms = internals.spectral_norms(model)
+    report.figure("spectral_norms", plotting.spectral_norm_chart(norms),
+                  "Spectral norm of each weight matrix per layer")
+    report.add(*table(["layer", *internals.LAYER_MATRICES],
+                      [[layer, *(number(norms[name][layer], 3) for name in internals.LAYER_MATRICES)]
+                       for layer in range(model.config.n_layer)]))
+    embeddings = {m.name: internals.spectral_norm(m.weight) for m in matrices if m.layer is None}
+    report.add(f"Embeddings: wte {number(embeddings['wte'], 3)}, wpe {number(embeddings['wpe'], 3)}.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_report(root: Path, params: Params) -> Report:
+    """The whole report in memory; `root` is the repository (inputs are read relative to it)."""
+    summary, metrics = read_json(root, MODEL_SUMMARY), read_json(root, TRAIN_METRICS)
+    shards, ev = read_json(root, SHARDS), read_json(root, EVAL)
+    report = Report()
+    report.add("# TinyStories GPT: pipeline report", "",
+               f"Generated by the report stage from the pipeline's outputs. A {short(summary['params'])}-parameter "
+               f"GPT trained on {short(summary['tokens_trained'])} tokens reaches a validation perplexity of "
+               f"**{number(ev['val_ppl'], 2)}** ({number(ev['val_bpb'], 4)} bits per byte).", "",
+               "Sections: [Data](#data) · [Tokenizer](#tokenizer) · [Model](#model) · [Training](#training) · "
+               "[Evaluation](#evaluation) · [Sampling](#sampling) · [Inside the model](#inside-the-model)", "")
+    data_section(report, root, shards)
+    tokenizer_section(report, root, summary["config"]["d_model"])
+    model_section(report, summary, shards, metrics["batch_tokens"])
+    training_section(report, root, metrics, summary, params.train.grad_clip)
+    evaluation_section(report, ev)
+    sampling_section(report, root, params.report.sample_chars)
+    inside_section(report, root, params.report.attention_tokens)
+    return report
+
+
+def write_report(root: Path, params: Params) -> Report:
+    """Write every figure, then report.md (so it never links a figure not yet written); PNGs left
+    in the figures folder by an earlier report that this one does not link are removed."""
+    report = build_report(root, params)
+    figures = root / FIGURES
+    for name, fig in report.figures.items():
+        plotting.save_figure(fig, figures / name)
+    for stale in figures.glob("*.png"):
+        if stale.name not in report.figures:
+            stale.unlink()
+    write_text(root / REPORT, report.markdown())
+    return report

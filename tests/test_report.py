@@ -123,13 +123,7 @@ def make_pipeline_outputs(root: Path, shared_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, shared_dir) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("pipeline")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra OpenMP threads only contend with parallel test workers
-    try:
-        made = make_pipeline_outputs(root, shared_dir)
-    finally:
-        torch.set_num_threads(threads)
-    return root, made
+    return root, make_pipeline_outputs(root, shared_dir)
 
 
 @pytest.fixture(scope="module")

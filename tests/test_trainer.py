@@ -13,9 +13,8 @@ from tinylm.model import GPT
 from tinylm.stage import PipelineError
 from tinylm.runtime import resolve_device, resolve_precision
 from tinylm.trainer import flops_per_token, lr_at, make_optimizer
-from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run, single_thread  # noqa: F401
+from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
@@ -180,7 +179,7 @@ def test_training_lowers_the_loss_and_logs_every_metric(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):
-    fp32 = run(tmp_path / "fp32", params(max_steps=6))
+    run(tmp_path / "fp32", params(max_steps=6))
     bf16 = run(tmp_path / "bf16", params(max_steps=6, precision="bf16"))
     a, b = logged(tmp_path / "fp32", "train_loss"), logged(tmp_path / "bf16", "train_loss")
     assert all(math.isfinite(v) for v in b.values())

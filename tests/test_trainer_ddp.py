@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tinylm.trainer import train
-from trainer_helpers import CONFIG, TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, params, run, single_thread  # noqa: F401
+from trainer_helpers import CONFIG, TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, params, run
 
 # The same 8 sequences per step: 2 per micro-batch x 2 accumulation steps x 2 ranks, or x 4 steps x 1 rank.
 DDP_PARAMS = params(micro_batch_size=2, grad_accum_steps=2, max_steps=10, eval_interval=5, checkpoint_interval=5)
@@ -29,7 +29,6 @@ def worker(out_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("single_thread")
 def test_two_process_gloo_run_matches_one_process_with_the_same_effective_batch(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(Path(__file__)), str(tmp_path / "ddp")]

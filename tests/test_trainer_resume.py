@@ -14,9 +14,8 @@ import torch
 
 from tinylm.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from tinylm.trainer import Trainer, TrainingDiverged, TrainingInterrupted
-from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run, single_thread  # noqa: F401
+from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 RESUME_PARAMS = params(max_steps=18, eval_interval=5, log_interval=1, checkpoint_interval=4)
 METRICS = ("train_loss", "val_loss", "lr", "grad_norm", "tokens")
@@ -55,12 +54,7 @@ def assert_same_history(reference_dir, resumed_dir) -> float:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     directory = tmp_path_factory.mktemp("uninterrupted")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (module scope: set up before the single_thread fixture)
-    try:
-        return directory, run(directory, RESUME_PARAMS, dropout_config())
-    finally:
-        torch.set_num_threads(threads)
+    return directory, run(directory, RESUME_PARAMS, dropout_config())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

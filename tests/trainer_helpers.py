@@ -6,8 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from tinylm.config import TrainParams
 from tinylm.model import GPTConfig
@@ -16,16 +14,6 @@ from tinylm.trainer import Trainer, TrainResult
 VOCAB = 61
 CONFIG = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.0, bias=True)
 TOKENIZER_FINGERPRINT = "ab" * 32
-
-
-@pytest.fixture
-def single_thread():
-    """One intra-op thread: these models are tiny, and with the 2 cores shared by parallel test
-    workers OpenMP's spinning threads make each step ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def params(**overrides) -> TrainParams:

@@ -76,5 +76,9 @@ def process_group(distributed: Distributed, device: torch.device) -> Iterator[No
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        # Rank 0 still writes the final checkpoint and logs after the last step; a rank that tears
+        # the group down meanwhile can abort inside gloo ("terminate called without an active
+        # exception"). Meet first. Not on errors: the other rank may be gone, and waiting would hang.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -27,7 +27,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from tinylm.bpe import EOT, train_bpe
+from tinylm.tokenizer.bpe import EOT
+from tinylm.tokenizer.train import train_bpe
 
 TRAIN = Path(__file__).resolve().parents[2] / "shared/data/tinystories/TinyStories-train-sample.txt"
 TARGET_RATIO = 3.0
@@ -59,7 +60,7 @@ def peak_memory_mib(path: Path, vocab_size: int, workers: int) -> tuple[float, f
     """
     code = (
         "import re, resource, sys\n"
-        "from tinylm.bpe import train_bpe\n"
+        "from tinylm.tokenizer.train import train_bpe\n"
         "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
         "base = hwm()\n"
         f"train_bpe(sys.argv[1], {vocab_size}, ['{EOT}'], workers={workers})\n"

@@ -28,9 +28,10 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 
-from tinylm.bpe import EOT, Tokenizer, load_gpt2, train_bpe  # noqa: E402
-from tinylm.data import EOT_LINE  # noqa: E402
-from tinylm.fast_encode import ParallelEncoder, batch_documents  # noqa: E402
+from tinylm.tokenizer.bpe import EOT, Tokenizer, load_gpt2
+from tinylm.tokenizer.train import train_bpe  # noqa: E402
+from tinylm.corpus.formats import EOT_LINE  # noqa: E402
+from tinylm.tokenizer.fast_encode import ParallelEncoder, batch_documents  # noqa: E402
 
 SEPARATOR = f"\n{EOT_LINE}\n"
 

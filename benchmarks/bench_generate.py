@@ -4,7 +4,7 @@ The model is the CPU default of params.yaml (model section, tokenizer.vocab_size
 initialised (speed does not depend on the weights). A prompt of `context - new_tokens` random
 tokens is extended by `new_tokens` tokens, so the last steps attend over `context` tokens (256 =
 block_size by default); no end token, so every run produces exactly new_tokens tokens. Both paths
-are `tinylm.sampling.decode` (`use_cache=True` / `False`), the prefill included; they must produce
+are `tinylm.generation.sampling.decode` (`use_cache=True` / `False`), the prefill included; they must produce
 the same tokens. Rows: greedy on one sequence, and sampling 5 sequences in a batch (the sweep's
 shape). Repetitions are interleaved and the best of each kept, since other jobs share the cores.
 One thread by default, as the sample_sweep stage runs: decoding is a chain of small ops, and with
@@ -27,7 +27,7 @@ import torch
 
 from tinylm.config import load_params
 from tinylm.model import GPT, GPTConfig
-from tinylm.sampling import Greedy, Sample, decode
+from tinylm.generation.sampling import Greedy, Sample, decode
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TARGET_SPEEDUP = 5.0

@@ -26,7 +26,7 @@ import torch
 
 from tinylm.config import load_params
 from tinylm.model import GPTConfig
-from tinylm.trainer import Trainer
+from tinylm.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

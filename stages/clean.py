@@ -1,11 +1,11 @@
 """clean: data/raw/{train,val}.jsonl -> data/clean/{train,val}.txt + reports/clean.json."""
 from pathlib import Path
 
-from tinylm.clean import SplitReport, clean_split, digest
+from tinylm.corpus.clean import SplitReport, clean_split, digest
 from tinylm.config import load_params
-from tinylm.data import read_raw_split, write_eot_stories
+from tinylm.corpus.formats import read_raw_split, write_eot_stories
 from tinylm.files import write_json
-from tinylm.stage import run_stage
+from tinylm.errors import run_stage
 
 RAW, CLEAN = Path("data/raw"), Path("data/clean")
 

@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from tinylm.config import load_params
-from tinylm.data import download
-from tinylm.stage import run_stage
+from tinylm.corpus.sources import download
+from tinylm.errors import run_stage
 
 
 def main() -> None:

@@ -11,13 +11,13 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from tinylm.bpe import load_tokenizer
+from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.config import load_params
-from tinylm.data import EOT_LINE, iter_eot_stories
-from tinylm.fast_encode import ParallelEncoder, check_against_reference, encode_split
+from tinylm.corpus.formats import EOT_LINE, iter_eot_stories
+from tinylm.tokenizer.fast_encode import ParallelEncoder, check_against_reference, encode_split
 from tinylm.files import write_json
-from tinylm.shards import load_split, remove_stale_shards
-from tinylm.stage import PipelineError, run_stage
+from tinylm.corpus.shards import load_split, remove_stale_shards
+from tinylm.errors import PipelineError, run_stage
 
 CLEAN, TOKENIZER, SHARDS = Path("data/clean"), Path("data/tokenizer"), Path("data/shards")
 REPORT = Path("reports/shards.json")

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylm.bpe import load_tokenizer
+from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.config import load_params
-from tinylm.evaluate import check_spells_text, evaluate, load_trained_model
+from tinylm.evaluate import check_spells_text, evaluate
+from tinylm.model import load_trained_model
 from tinylm.files import write_json
-from tinylm.shards import load_split
-from tinylm.stage import run_stage
+from tinylm.corpus.shards import load_split
+from tinylm.errors import run_stage
 
 TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
 VAL_TEXT = Path("data/clean/val.txt")
@@ -24,7 +25,7 @@ def main() -> None:
     params = load_params()
     tokenizer = load_tokenizer(TOKENIZER)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_trained_model(MODEL, tokenizer, device)
+    model = load_trained_model(MODEL, tokenizer.fingerprint, device)
     val_tokens = np.concatenate(load_split(SHARDS, "val", tokenizer.fingerprint))
     check_spells_text(val_tokens, tokenizer, VAL_TEXT)
     train_tokens = load_split(SHARDS, "train", tokenizer.fingerprint)

@@ -1,20 +1,20 @@
 """pretrain: data/shards + data/tokenizer -> data/model/{model.pt,model.json} + reports/train/ (dvclive).
 
 Resumes from the scratch checkpoint checkpoints/pretrain/last.pt when it belongs to this run
-(see tinylm/checkpoint.py for why it lives outside DVC's outputs) and deletes it after success.
+(see tinylm/training/checkpoint.py for why it lives outside DVC's outputs) and deletes it after success.
 Multi-process: `torchrun --nproc_per_node=2 stages/pretrain.py` (gloo on CPU, NCCL on CUDA);
 rank 0 alone writes the outputs.
 """
 from pathlib import Path
 
-from tinylm.bpe import load_tokenizer
-from tinylm.checkpoint import remove_checkpoint
+from tinylm.tokenizer.bpe import load_tokenizer
+from tinylm.training.checkpoint import remove_checkpoint
 from tinylm.config import load_params, to_dict
 from tinylm.files import write_json
 from tinylm.model import GPTConfig, save_model
-from tinylm.shards import load_split
-from tinylm.stage import run_stage
-from tinylm.trainer import train
+from tinylm.corpus.shards import load_split
+from tinylm.errors import run_stage
+from tinylm.training.trainer import train
 
 TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
 CHECKPOINT = Path("checkpoints/pretrain/last.pt")

@@ -1,6 +1,6 @@
 """sample_sweep: data/model + data/tokenizer -> reports/samples.jsonl + reports/sampling.json (DVC metrics).
 
-Every decoding strategy of params.sample on every prompt (see tinylm/sweep.py): one JSON line per
+Every decoding strategy of params.sample on every prompt (see tinylm/generation/sweep.py): one JSON line per
 sample (config, strategy params, prompt, seed, completion), and per config its diversity,
 repetition, entropy, length and the model's perplexity of its own samples.
 """
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from tinylm.bpe import load_tokenizer
+from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.config import load_params
-from tinylm.evaluate import load_trained_model
+from tinylm.model import load_trained_model
 from tinylm.files import atomic_open, write_json
-from tinylm.stage import run_stage
-from tinylm.sweep import run_sweep
+from tinylm.errors import run_stage
+from tinylm.generation.sweep import run_sweep
 
 TOKENIZER, MODEL = Path("data/tokenizer"), Path("data/model")
 SAMPLES, METRICS = Path("reports/samples.jsonl"), Path("reports/sampling.json")
@@ -28,7 +28,7 @@ def main() -> None:
         # Decoding runs ops of microseconds on a handful of rows: a second OpenMP thread gains nothing,
         # and when another process holds the other core every op waits for it (measured 10-40x slower).
         torch.set_num_threads(1)
-    model = load_trained_model(MODEL, tokenizer, device)
+    model = load_trained_model(MODEL, tokenizer.fingerprint, device)
     records, metrics = run_sweep(model, tokenizer, params.sample)
     with atomic_open(SAMPLES) as f:
         f.writelines(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)

@@ -1,18 +1,19 @@
 """train_bpe stage: learn our byte-level BPE on the clean train split, write data/tokenizer/.
 
 Also writes reports/tokenizer.json (DVC metrics): train time, bytes per token on the validation
-split, and the comparisons of tinylm/bpe_compare.py (HF tokenizers, GPT-2, other vocab sizes).
+split, and the comparisons of tinylm/tokenizer/compare.py (HF tokenizers, GPT-2, other vocab sizes).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from tinylm import bpe_compare
-from tinylm.bpe import Tokenizer, train_bpe
+from tinylm.tokenizer import compare
+from tinylm.tokenizer.bpe import Tokenizer
+from tinylm.tokenizer.train import train_bpe
 from tinylm.config import load_params
 from tinylm.files import write_json
-from tinylm.stage import PipelineError, run_stage
+from tinylm.errors import PipelineError, run_stage
 
 TRAIN = Path("data/clean/train.txt")
 VAL = Path("data/clean/val.txt")
@@ -40,9 +41,9 @@ def main() -> None:
         "num_merges": len(merges),
         "train_seconds": round(train_seconds, 3),
         "val_tokens": val_tokens,
-        "val_bytes_per_token": bpe_compare.bytes_per_token(val_text, val_tokens),
+        "val_bytes_per_token": compare.bytes_per_token(val_text, val_tokens),
         "fingerprint": tokenizer.fingerprint,
-        **bpe_compare.compare(tokenizer, TRAIN, val_text, params.compare_vocab_sizes, params.workers),
+        **compare.compare(tokenizer, TRAIN, val_text, params.compare_vocab_sizes, params.workers),
     }
     write_json(REPORT, report)
     print(f"validation: {report['val_bytes_per_token']} bytes/token -> {REPORT}")

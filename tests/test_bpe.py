@@ -8,8 +8,9 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm.bpe import EOT, Tokenizer, TokenizerError, load_gpt2, load_tokenizer, train_bpe
-from tinylm.pretokenize import PRETOKEN_RE, PreTokenizer
+from tinylm.tokenizer.bpe import EOT, Tokenizer, TokenizerError, load_gpt2, load_tokenizer
+from tinylm.tokenizer.train import train_bpe
+from tinylm.tokenizer.pretokenize import PRETOKEN_RE, PreTokenizer
 
 DOUBLE_EOT = EOT + EOT
 GPT2_EDGE_CASES = [

@@ -12,10 +12,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm import bpe_train
-from tinylm.bpe import EOT, Tokenizer, TokenizerError, load_tokenizer, train_bpe
-from tinylm.bpe_train import count_pretokens, merge_pretokens
-from tinylm.pretokenize import PRETOKEN_RE, PreTokenizer, read_utf8
+from tinylm.tokenizer import train as bpe_train
+from tinylm.tokenizer.bpe import EOT, Tokenizer, TokenizerError, load_tokenizer
+from tinylm.tokenizer.train import train_bpe
+from tinylm.tokenizer.train import count_pretokens, merge_pretokens
+from tinylm.tokenizer.pretokenize import PRETOKEN_RE, PreTokenizer, read_utf8
 
 
 def _write(tmp_path, text: str, name: str = "corpus.txt"):

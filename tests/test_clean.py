@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import ftfy
 import pytest
 import yaml
 
-from tinylm import clean, data
-from tinylm.clean import SplitReport, clean_split, clean_story, drop_reason
+from tinylm.corpus import clean
+from tinylm.corpus import formats
+from tinylm.corpus.clean import SplitReport, clean_split, clean_story, drop_reason
 from tinylm.config import parse_params
 
 STORY = ("Once upon a time, a cat sat on a mat. It was happy and it purred all day long. "
@@ -95,8 +97,8 @@ def test_report_has_every_reason(params):
 def test_messy_v1_file_leaves_no_mojibake(shared_dir, params, repo_root):
     messy = shared_dir / "data/tinystories/messy/TinyStories-valid-v1-mojibake.txt"
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    opener = data.re.compile(raw["data"]["story_start_regex"])
-    stories = list(data.iter_file_stories(messy, opener))
+    opener = re.compile(raw["data"]["story_start_regex"])
+    stories = list(formats.iter_file_stories(messy, opener))
     kept, report = run(stories, params())
     assert report.mojibake_repaired >= 20
     assert report.dropped["truncated"] >= 1  # the file's last story is cut off
@@ -105,8 +107,8 @@ def test_messy_v1_file_leaves_no_mojibake(shared_dir, params, repo_root):
 
 
 def test_output_is_deterministic(shared_dir, params, tmp_path):
-    stories = list(data.iter_eot_stories(shared_dir / "data/tinystories/TinyStories-valid-sample.txt"))[:300]
+    stories = list(formats.iter_eot_stories(shared_dir / "data/tinystories/TinyStories-valid-sample.txt"))[:300]
     for name in ("a.txt", "b.txt"):
-        data.write_eot_stories(tmp_path / name, run(stories, params())[0])
+        formats.write_eot_stories(tmp_path / name, run(stories, params())[0])
     assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
-    assert list(data.iter_eot_stories(tmp_path / "a.txt")) == run(stories, params())[0]
+    assert list(formats.iter_eot_stories(tmp_path / "a.txt")) == run(stories, params())[0]

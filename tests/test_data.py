@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 import socket
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tinylm import data
+from tinylm.corpus import formats, sources
 from tinylm.config import SplitFiles, parse_params
-from tinylm.stage import PipelineError
+from tinylm.errors import PipelineError
+from tinylm.files import sha256_file
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def unreachable_hub(monkeypatch):
 def test_unreachable_hub_falls_back_fast(data_params, shared_dir, unreachable_hub):
     params = data_params(["roneneldan/TinyStories", str(shared_dir / "data/tinystories")])
     started = time.perf_counter()
-    source, skipped = data.resolve_source(params)
+    source, skipped = sources.resolve_source(params)
     assert time.perf_counter() - started < 5
     assert source.kind == "folder"
     assert "unreachable" in skipped[0] and "data.sources[0]" in skipped[0]
@@ -45,7 +47,7 @@ def test_unreachable_hub_falls_back_fast(data_params, shared_dir, unreachable_hu
 
 def test_unreachable_hub_alone_names_the_param(data_params, unreachable_hub):
     with pytest.raises(PipelineError, match=r"data\.sources"):
-        data.resolve_source(data_params(["roneneldan/TinyStories"]))
+        sources.resolve_source(data_params(["roneneldan/TinyStories"]))
 
 
 def test_hub_probe_times_out_on_a_silent_host(monkeypatch):
@@ -57,20 +59,20 @@ def test_hub_probe_times_out_on_a_silent_host(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         started = time.perf_counter()
-        revision, reason = data.probe_hub("roneneldan/TinyStories", 0.5)
+        revision, reason = sources.probe_hub("roneneldan/TinyStories", 0.5)
         assert revision is None and "no answer" in reason
         assert time.perf_counter() - started < 3
 
 
 def test_offline_env_skips_the_hub_without_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "HF_HUB_OFFLINE" in data.probe_hub("roneneldan/TinyStories", 5)[1]
+    assert "HF_HUB_OFFLINE" in sources.probe_hub("roneneldan/TinyStories", 5)[1]
 
 
 def test_missing_paths_are_skipped(data_params, tmp_path, shared_dir):
     params = data_params([str(tmp_path / "nope"), {"train": str(tmp_path / "a.txt"), "validation": "b"},
                           str(shared_dir / "data/tinystories")])
-    source, skipped = data.resolve_source(params)
+    source, skipped = sources.resolve_source(params)
     assert source.kind == "folder" and len(skipped) == 2
     assert "file not found" in skipped[1]
 
@@ -82,41 +84,41 @@ def write(path: Path, content: str | bytes) -> Path:
 
 def test_eot_format_with_crlf(tmp_path):
     path = write(tmp_path / "s.txt", "One.\r\nTwo lines.\r\n<|endoftext|>\r\nSecond story.\r\n<|endoftext|>\r\n")
-    assert list(data.iter_file_stories(path, data.re.compile("x"))) == ["One.\nTwo lines.", "Second story."]
+    assert list(formats.iter_file_stories(path, re.compile("x"))) == ["One.\nTwo lines.", "Second story."]
 
 
 def test_eot_format_keeps_last_story_without_separator(tmp_path):
     path = write(tmp_path / "s.txt", "A.\n<|endoftext|>\nB is cut off")
-    assert list(data.iter_eot_stories(path)) == ["A.", "B is cut off"]
+    assert list(formats.iter_eot_stories(path)) == ["A.", "B is cut off"]
 
 
 def test_blankline_format_splits_on_story_openers(tmp_path):
     text = ("tail of a story.\n\nOnce upon a time, a cat.\n\nThe cat slept.\n\n\n"
             "Once there was a dog.\n\nThe dog ran.\n")
     path = write(tmp_path / "b.txt", text)
-    opener = data.re.compile(r"^(Once upon a time|Once there was)")
-    assert list(data.iter_file_stories(path, opener)) == [
+    opener = re.compile(r"^(Once upon a time|Once there was)")
+    assert list(formats.iter_file_stories(path, opener)) == [
         "tail of a story.", "Once upon a time, a cat.\n\nThe cat slept.", "Once there was a dog.\n\nThe dog ran."]
 
 
 def test_jsonl_format_and_its_errors(tmp_path):
     good = write(tmp_path / "g.jsonl", '{"text": "a"}\n\n{"text": "b\\nc"}\n')
-    assert list(data.iter_file_stories(good, data.re.compile("x"))) == ["a", "b\nc"]
+    assert list(formats.iter_file_stories(good, re.compile("x"))) == ["a", "b\nc"]
     bad = write(tmp_path / "b.jsonl", '{"text": "a"}\n{"story": "b"}\n')
     with pytest.raises(PipelineError, match=r"b\.jsonl:2"):
-        list(data.iter_file_stories(bad, data.re.compile("x")))
+        list(formats.iter_file_stories(bad, re.compile("x")))
 
 
 def test_non_utf8_names_file_and_offset(tmp_path):
     path = write(tmp_path / "latin1.txt", "caf".encode() + b"\xe9 ok\n<|endoftext|>\n")
     with pytest.raises(PipelineError, match=r"latin1\.txt: not valid UTF-8 at byte 3"):
-        data.iter_file_stories(path, data.re.compile("x"))
+        formats.iter_file_stories(path, re.compile("x"))
 
 
 def test_ten_megabyte_line_is_read_whole(tmp_path):
     line = "word " * 2_000_000
     path = write(tmp_path / "big.txt", f"{line}\n<|endoftext|>\nShort.\n<|endoftext|>\n")
-    stories = list(data.iter_file_stories(path, data.re.compile("x")))
+    stories = list(formats.iter_file_stories(path, re.compile("x")))
     assert [len(s) for s in stories] == [len(line), 6]
 
 
@@ -124,21 +126,21 @@ def test_empty_file_is_a_clear_error(data_params, tmp_path):
     empty = write(tmp_path / "empty.txt", "")
     params = data_params([{"train": str(empty), "validation": str(empty)}])
     with pytest.raises(PipelineError, match="no stories"):
-        data.download(params, tmp_path / "raw", log=lambda _: None)
+        sources.download(params, tmp_path / "raw", log=lambda _: None)
 
 
 def test_download_from_the_offline_folder(data_params, shared_dir, tmp_path, unreachable_hub):
     params = data_params(["roneneldan/TinyStories", str(shared_dir / "data/tinystories")],
                          max_train_stories=50, max_val_stories=20)
-    record = data.download(params, tmp_path / "raw", log=lambda _: None)
+    record = sources.download(params, tmp_path / "raw", log=lambda _: None)
     assert record["kind"] == "folder" and record["splits"]["train"]["stories"] == 50
     lines = (tmp_path / "raw/val.jsonl").read_text().splitlines()
     assert len(lines) == 20 and json.loads(lines[0])["text"].startswith("Once upon a time")
-    assert record["splits"]["val"]["sha256"] == data.sha256_file(tmp_path / "raw/val.jsonl")
+    assert record["splits"]["val"]["sha256"] == sha256_file(tmp_path / "raw/val.jsonl")
     assert json.loads((tmp_path / "raw/provenance.json").read_text()) == record
     # Same source and caps: byte-identical outputs.
     first = (tmp_path / "raw/train.jsonl").read_bytes()
-    data.download(params, tmp_path / "raw", log=lambda _: None)
+    sources.download(params, tmp_path / "raw", log=lambda _: None)
     assert (tmp_path / "raw/train.jsonl").read_bytes() == first
 
 
@@ -146,7 +148,7 @@ def test_download_from_official_and_messy_text_files(data_params, shared_dir, tm
     tiny = shared_dir / "data/tinystories"
     params = data_params([{"train": str(tiny / "TinyStories-train-sample.txt"),
                            "validation": str(tiny / "messy/TinyStories-valid-v1-mojibake.txt")}])
-    record = data.download(params, tmp_path / "raw", log=lambda _: None)
+    record = sources.download(params, tmp_path / "raw", log=lambda _: None)
     assert record["kind"] == "files" and set(record["source_sha256"]) == {"train", "val"}
     assert record["splits"]["train"]["stories"] == 5317
     # ~800 stories in the first 0.8 MB of V1 validation, found by their openers.
@@ -155,9 +157,9 @@ def test_download_from_official_and_messy_text_files(data_params, shared_dir, tm
 
 def test_source_change_changes_provenance(data_params, shared_dir, tmp_path):
     tiny = shared_dir / "data/tinystories"
-    folder = data.download(data_params([str(tiny)], max_train_stories=5, max_val_stories=5),
+    folder = sources.download(data_params([str(tiny)], max_train_stories=5, max_val_stories=5),
                            tmp_path / "a", log=lambda _: None)
-    files = data.download(data_params([{"train": str(tiny / "TinyStories-train-sample.txt"),
+    files = sources.download(data_params([{"train": str(tiny / "TinyStories-train-sample.txt"),
                                         "validation": str(tiny / "TinyStories-valid-sample.txt")}],
                                       max_train_stories=5, max_val_stories=5), tmp_path / "b", log=lambda _: None)
     assert folder["source"] != files["source"]

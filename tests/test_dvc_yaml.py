@@ -1,4 +1,5 @@
-"""dvc.yaml declares, for every stage, the code it runs: DVC reruns a stage exactly when it should."""
+"""dvc.yaml declares, for every stage, exactly the code it runs and the params that change its outputs,
+so DVC reruns a stage when (and only when) one of them changes."""
 from __future__ import annotations
 
 import ast
@@ -7,9 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-# Infrastructure every stage uses; declaring it would rerun the whole pipeline for a typo fix in
-# an error message. Params themselves are declared per key.
-INFRASTRUCTURE = {"tinylm/__init__.py", "tinylm/config.py", "tinylm/files.py", "tinylm/stage.py"}
+# Run by every stage, yet never a dependency (dvc.yaml's header says why): config only parses and
+# validates params.yaml, whose values DVC tracks key by key; errors only words messages.
+NOT_DEPENDENCIES = {"tinylm/config.py", "tinylm/errors.py"}
+# Knobs that change how a stage runs but no byte it writes (tests/test_execution_only.py proves it).
+EXECUTION_ONLY = {"tokenizer.workers", "shards.workers", "train.checkpoint_interval",
+                  "train.activation_checkpointing"}
+
+
+def module_path(name: str, root: Path) -> str | None:
+    """`tinylm.corpus.formats` -> `tinylm/corpus/formats.py` if that file exists."""
+    path = name.replace(".", "/") + ".py"
+    return path if (root / path).is_file() else None
 
 
 def tinylm_imports(script: Path, root: Path) -> set[str]:
@@ -24,12 +34,17 @@ def tinylm_imports(script: Path, root: Path) -> set[str]:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names if alias.name.split(".")[0] == "tinylm"]
-            for name in names:
-                path = name.replace(".", "/") + ".py"
-                if (root / path).is_file() and path not in found:
+            for path in filter(None, (module_path(name, root) for name in names)):
+                if path not in found:
                     found.add(path)
                     todo.append(root / path)
-    return found - INFRASTRUCTURE
+    return found
+
+
+def expected_code(name: str, root: Path) -> set[str]:
+    script = f"stages/{name}.py"
+    return {script} | {p for p in tinylm_imports(root / script, root)
+                       if p not in NOT_DEPENDENCIES and not p.endswith("__init__.py")}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +52,33 @@ def stages(repo_root):
     return yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
 
 
-def test_every_stage_declares_the_code_it_runs(stages, repo_root):
+def test_every_stage_declares_exactly_the_code_it_runs(stages, repo_root):
     for name, stage in stages.items():
-        script = f"stages/{name}.py"
-        assert stage["cmd"] == f"python {script}"
-        deps = set(stage["deps"])
-        missing = tinylm_imports(repo_root / script, repo_root) - deps
-        assert script in deps and not missing, f"{name}: add to its deps in dvc.yaml: {sorted(missing)}"
+        assert stage["cmd"] == f"python stages/{name}.py"
+        declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
+        expected = expected_code(name, repo_root)
+        assert declared == expected, (f"{name}: add to its deps in dvc.yaml {sorted(expected - declared)}, "
+                                      f"remove {sorted(declared - expected)}")
+
+
+def test_the_import_walk_sees_submodules_and_package_imports(repo_root):
+    # The walk must follow `from tinylm.report import figures` and `from tinylm.corpus.formats import x`.
+    imports = tinylm_imports(repo_root / "stages/report.py", repo_root)
+    assert {"tinylm/report/figures.py", "tinylm/corpus/formats.py", "tinylm/tokenizer/bpe.py"} <= imports
+
+
+def test_encoding_never_runs_training_or_source_code(stages):
+    # A BPE trainer edit reruns train_bpe only; a hub-probing edit reruns download only.
+    for name, stage in stages.items():
+        if name != "train_bpe":
+            assert "tinylm/tokenizer/train.py" not in stage["deps"], name
+        if name != "download":
+            assert "tinylm/corpus/sources.py" not in stage["deps"], name
+
+
+def test_packages_are_empty_so_importing_one_module_runs_no_other(repo_root):
+    for init in (repo_root / "tinylm").rglob("__init__.py"):
+        assert init.read_text() == "", f"{init} must stay empty (a re-export would add every stage a dependency)"
 
 
 def test_stages_declare_only_their_own_params(stages):
@@ -51,3 +86,23 @@ def test_stages_declare_only_their_own_params(stages):
     for name in ("download", "clean", "train_bpe", "encode_shards"):
         for key in stages[name].get("params", []):
             assert not str(key).startswith(("train", "model", "eval", "sample", "report")), (name, key)
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys |= leaf_keys(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def test_every_param_is_declared_by_a_stage_or_is_execution_only(stages, repo_root):
+    params = leaf_keys(yaml.safe_load((repo_root / "params.yaml").read_text()))
+    declared: set[str] = set()
+    for stage in stages.values():
+        for key in stage.get("params", []):
+            declared |= {p for p in params if p == key or p.startswith(f"{key}.")}
+    assert EXECUTION_ONLY <= params
+    assert not declared & EXECUTION_ONLY, f"execution-only params declared: {sorted(declared & EXECUTION_ONLY)}"
+    untracked = params - declared - EXECUTION_ONLY
+    assert not untracked, f"params no stage declares (DVC would not rerun on a change): {sorted(untracked)}"

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.bpe import Tokenizer
-from tinylm.data import write_eot_stories
-from tinylm.evaluate import (check_spells_text, load_trained_model, plan_windows, summarize, token_byte_lengths,
-                             token_nll, unigram_nll, untrained_model)
+from tinylm.tokenizer.bpe import Tokenizer
+from tinylm.corpus.formats import write_eot_stories
+from tinylm.evaluate import (check_spells_text, plan_windows, summarize, token_byte_lengths, token_nll, unigram_nll, untrained_model)
+from tinylm.model import load_trained_model
 from tinylm.files import write_json
 from tinylm.model import GPT, GPTConfig, save_model
-from tinylm.stage import PipelineError
+from tinylm.errors import PipelineError
 
 BLOCK = 8
 CONFIG = GPTConfig(vocab_size=37, block_size=BLOCK, n_layer=2, n_head=2, d_model=16)
@@ -161,10 +161,10 @@ def test_load_trained_model_checks_the_tokenizer(tokenizer, tmp_path):
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, d_model=8))
     save_model(model, tmp_path / "model.pt", extra={})
     write_json(tmp_path / "model.json", {"tokenizer_fingerprint": tokenizer.fingerprint})
-    loaded = load_trained_model(tmp_path, tokenizer, torch.device("cpu"))
+    loaded = load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
     assert torch.equal(loaded.wte.weight, model.wte.weight) and not loaded.training
     write_json(tmp_path / "model.json", {"tokenizer_fingerprint": "0" * 64})
     with pytest.raises(PipelineError, match="trained with tokenizer 0000.*dvc repro pretrain"):
-        load_trained_model(tmp_path, tokenizer, torch.device("cpu"))
+        load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
     with pytest.raises(PipelineError, match="cannot load the trained model.*dvc repro pretrain"):
-        load_trained_model(tmp_path / "missing", tokenizer, torch.device("cpu"))
+        load_trained_model(tmp_path / "missing", tokenizer.fingerprint, torch.device("cpu"))

@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.bpe import Tokenizer, train_bpe
+from tinylm.tokenizer.bpe import Tokenizer
+from tinylm.tokenizer.train import train_bpe
 from tinylm.config import SampleParams, load_params
-from tinylm.data import write_eot_stories
+from tinylm.corpus.formats import write_eot_stories
 from tinylm.evaluate import evaluate
 from tinylm.files import write_json
-from tinylm.metrics_log import MetricLog
+from tinylm.training.metrics_log import MetricLog
 from tinylm.model import GPT, GPTConfig, save_model
-from tinylm.report import REPORT, build_report, escape, write_report
-from tinylm.stage import PipelineError
-from tinylm.sweep import run_sweep
+from tinylm.report.sections import REPORT, build_report, escape, write_report
+from tinylm.errors import PipelineError
+from tinylm.generation.sweep import run_sweep
 
 SECTIONS = ["## Data", "## Tokenizer", "## Model", "## Training", "## Evaluation", "## Sampling",
             "## Inside the model"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinylm import internals
+from tinylm.report import introspection
 from tinylm.model import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, d_model=16, dropout=0.0, bias=True)
@@ -18,7 +18,7 @@ def model() -> GPT:
 
 def test_attention_probabilities_reproduce_each_attention_modules_output(model):
     tokens = torch.randint(0, CONFIG.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
-    probs = internals.attention_probabilities(model, tokens)
+    probs = introspection.attention_probabilities(model, tokens)
     assert probs.shape == (CONFIG.n_layer, CONFIG.n_head, 20, 20)
     assert torch.allclose(probs.sum(dim=-1), torch.ones(CONFIG.n_layer, CONFIG.n_head, 20), atol=1e-5)
     assert torch.all(probs.triu(diagonal=1) == 0)  # causal: nothing on future keys
@@ -42,7 +42,7 @@ def test_attention_probabilities_reproduce_each_attention_modules_output(model):
 
 def test_attention_rejects_sequences_longer_than_the_block(model):
     with pytest.raises(ValueError, match="block_size"):
-        internals.attention_probabilities(model, torch.zeros(CONFIG.block_size + 1, dtype=torch.long))
+        introspection.attention_probabilities(model, torch.zeros(CONFIG.block_size + 1, dtype=torch.long))
 
 
 def test_head_statistics_read_the_previous_and_first_token_columns():
@@ -53,12 +53,12 @@ def test_head_statistics_read_the_previous_and_first_token_columns():
     first_head = torch.zeros(T, T)
     first_head[:, 0] = 1
     probs = torch.stack([previous_head, first_head])[None]  # [1 layer, 2 heads, T, T]
-    assert internals.attention_to_previous(probs).tolist() == [[1.0, 0.25]]  # query 1's previous token is 0
-    assert internals.attention_to_first(probs).tolist() == [[0.25, 1.0]]
+    assert introspection.attention_to_previous(probs).tolist() == [[1.0, 0.25]]  # query 1's previous token is 0
+    assert introspection.attention_to_first(probs).tolist() == [[0.25, 1.0]]
 
 
 def test_spectral_norms_are_the_largest_singular_value_of_each_matrix(model):
-    norms = internals.spectral_norms(model)
+    norms = introspection.spectral_norms(model)
     state = model.state_dict()
     d = CONFIG.d_model
     expected_weights = {
@@ -80,9 +80,9 @@ def test_spectral_norms_are_the_largest_singular_value_of_each_matrix(model):
 
 
 def test_weight_matrices_cover_every_matrix_once(model):
-    matrices = internals.weight_matrices(model)
+    matrices = introspection.weight_matrices(model)
     assert [m.name for m in matrices[:2]] == ["wte", "wpe"]
-    assert len(matrices) == 2 + CONFIG.n_layer * len(internals.LAYER_MATRICES)
+    assert len(matrices) == 2 + CONFIG.n_layer * len(introspection.LAYER_MATRICES)
     listed = sum(m.weight.numel() for m in matrices)
     every_2d = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # the tied head appears once
     assert listed == every_2d

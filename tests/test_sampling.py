@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.model import GPT, GPTConfig
-from tinylm.sampling import (Greedy, Sample, apply_temperature, decode, generate, min_p_filter, top_k_filter,
-                             top_p_filter)
-from tinylm.decoder import entropy
-from tinylm.search import Beam, Contrastive, beam_search, contrastive_search
+from tinylm.generation.sampling import (Greedy, Sample, apply_temperature, decode, generate, min_p_filter, top_k_filter, top_p_filter)
+from tinylm.generation.decoder import entropy
+from tinylm.generation.search import Beam, Contrastive, beam_search, contrastive_search
 
 VOCAB, BLOCK = 61, 24
 PROMPT = [3, 1, 4, 1, 5]

@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from tinylm.bpe import Tokenizer, load_tokenizer, train_bpe
-from tinylm.data import iter_eot_stories, write_eot_stories
+from tinylm.tokenizer.bpe import Tokenizer, load_tokenizer
+from tinylm.tokenizer.train import train_bpe
+from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
 from tinylm.files import write_json
 from tinylm.model import GPT, GPTConfig, load_model, save_model
-from tinylm.sampling import Greedy, generate
-from tinylm.shards import write_split
+from tinylm.generation.sampling import Greedy, generate
+from tinylm.corpus.shards import write_split
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import math
 import pytest
 
 from tinylm.config import ParamError, load_params
-from tinylm.decoder import Generation
-from tinylm.sampling import Greedy, Sample
-from tinylm.search import Beam, Contrastive
-from tinylm.sweep import summarize, sweep_configs
-from tinylm.text_metrics import distinct_n, ngram_counts, repetition_rate, words
+from tinylm.generation.decoder import Generation
+from tinylm.generation.sampling import Greedy, Sample
+from tinylm.generation.search import Beam, Contrastive
+from tinylm.generation.sweep import summarize, sweep_configs
+from tinylm.generation.text_metrics import distinct_n, ngram_counts, repetition_rate, words
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm.shards import (HEADER_BYTES, MAGIC, ShardError, load_split, read_header, read_shard,
-                           remove_stale_shards, shard_path, write_shard, write_split)
-from tinylm.stage import PipelineError
+from tinylm.corpus.shards import (HEADER_BYTES, MAGIC, ShardError, load_split, read_header, read_shard, remove_stale_shards, shard_path, write_shard, write_split)
+from tinylm.errors import PipelineError
 
 FINGERPRINT = hashlib.sha256(b"tokenizer A").hexdigest()
 OTHER_FINGERPRINT = hashlib.sha256(b"tokenizer B").hexdigest()

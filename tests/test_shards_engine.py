@@ -9,10 +9,10 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm.bpe import EOT, Tokenizer, load_gpt2, train_bpe
-from tinylm.data import iter_eot_stories
-from tinylm.fast_encode import (DocumentEncoder, ParallelEncoder, batch_documents, check_against_reference,
-                                tiktoken_ranks)
+from tinylm.tokenizer.bpe import EOT, Tokenizer, load_gpt2
+from tinylm.tokenizer.train import train_bpe
+from tinylm.corpus.formats import iter_eot_stories
+from tinylm.tokenizer.fast_encode import (DocumentEncoder, ParallelEncoder, batch_documents, check_against_reference, tiktoken_ranks)
 
 VALID = "data/tinystories/TinyStories-valid-sample.txt"
 TRAIN = "data/tinystories/TinyStories-train-sample.txt"

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tinylm.bpe import EOT, Tokenizer, load_tokenizer, train_bpe
-from tinylm.data import iter_eot_stories, write_eot_stories
-from tinylm.shards import ShardError, load_split, shard_path
+from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
+from tinylm.tokenizer.train import train_bpe
+from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
+from tinylm.corpus.shards import ShardError, load_split, shard_path
 
 SHARD_TOKENS = 4096
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.batches import TokenWindows, TrainBatches, validation_batches
+from tinylm.training.batches import TokenWindows, TrainBatches, validation_batches
 from tinylm.model import GPT
-from tinylm.stage import PipelineError
-from tinylm.runtime import resolve_device, resolve_precision
-from tinylm.trainer import flops_per_token, lr_at, make_optimizer
+from tinylm.errors import PipelineError
+from tinylm.training.runtime import resolve_device, resolve_precision
+from tinylm.training.trainer import flops_per_token, lr_at, make_optimizer
 from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
 
@@ -121,7 +121,7 @@ def test_step_order_clip_before_update_and_logged_lr_is_the_lr_used(tmp_path, mo
         events.append(("update", trainer.step, self.param_groups[0]["lr"], norm))
         return original_step(self, *args, **kwargs)
 
-    monkeypatch.setattr("tinylm.trainer.clip_grad_norm_", spy_clip)
+    monkeypatch.setattr("tinylm.training.trainer.clip_grad_norm_", spy_clip)
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     p = params(max_steps=8, grad_clip=0.05, warmup_steps=2)  # a small clip so it bites
     trainer = make_trainer(tmp_path, p)

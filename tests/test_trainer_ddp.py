@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm.trainer import train
+from tinylm.training.trainer import train
 from trainer_helpers import CONFIG, TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, params, run
 
 # The same 8 sequences per step: 2 per micro-batch x 2 accumulation steps x 2 ranks, or x 4 steps x 1 rank.

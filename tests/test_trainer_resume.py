@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from tinylm.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
-from tinylm.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from tinylm.training.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from tinylm.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
 
@@ -139,7 +139,7 @@ def test_unreadable_checkpoint_is_discarded(tmp_path, capsys):
 
 SAVE_LOOP = textwrap.dedent("""
     import sys, torch
-    from tinylm.checkpoint import save_checkpoint
+    from tinylm.training.checkpoint import save_checkpoint
     i = 0
     while True:
         save_checkpoint(sys.argv[1], {"i": i, "blob": torch.full((1_000_000,), float(i))})

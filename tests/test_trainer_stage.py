@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tinylm.bpe import Tokenizer
+from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.model import load_model
-from tinylm.shards import write_shard
+from tinylm.corpus.shards import write_shard
 
 MAX_STEPS = 300
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from tinylm.config import TrainParams
 from tinylm.model import GPTConfig
-from tinylm.trainer import Trainer, TrainResult
+from tinylm.training.trainer import Trainer, TrainResult
 
 VOCAB = 61
 CONFIG = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.0, bias=True)

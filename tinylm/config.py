@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tinylm.stage import PipelineError
+from tinylm.errors import PipelineError
 
 
 class ParamError(PipelineError, ValueError):

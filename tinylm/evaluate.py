@@ -14,7 +14,6 @@ them where ppl (per token) cannot.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tinylm.bpe import Tokenizer
-from tinylm.data import iter_eot_stories
-from tinylm.model import GPT, GPTConfig, load_model
-from tinylm.stage import PipelineError
+from tinylm.tokenizer.bpe import Tokenizer
+from tinylm.corpus.formats import iter_eot_stories
+from tinylm.model import GPT, GPTConfig
+from tinylm.errors import PipelineError
 
 COUNT_CHUNK = 1 << 24  # tokens per bincount call
 
@@ -159,19 +158,3 @@ def evaluate(model: GPT, val_tokens: np.ndarray, train_tokens: Sequence[np.ndarr
         "stride": stride,
         "baselines": {"untrained": baseline, "unigram": unigram, "uniform": uniform},
     }
-
-
-def load_trained_model(model_dir: str | Path, tokenizer: Tokenizer, device: torch.device) -> GPT:
-    """model.pt from the pretrain stage, once model.json shows it was trained on this tokenizer's ids."""
-    model_dir = Path(model_dir)
-    fix = "Fix: run `dvc repro pretrain`"
-    try:
-        meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-        model = load_model(model_dir / "model.pt", map_location=device)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{model_dir}: cannot load the trained model ({exc}). {fix}.") from None
-    trained_with = meta.get("tokenizer_fingerprint")
-    if trained_with != tokenizer.fingerprint or model.config.vocab_size != tokenizer.vocab_size:
-        raise PipelineError(f"{model_dir}: trained with tokenizer {str(trained_with)[:16]}…, but data/tokenizer is "
-                            f"{tokenizer.fingerprint[:16]}…: its ids would mean other tokens. {fix}.")
-    return model

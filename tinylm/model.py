@@ -13,6 +13,8 @@ whole sequence.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tinylm.config import ModelParams
-from tinylm.files import atomic_path
+from tinylm.errors import PipelineError
+from tinylm.files import write_bytes
 
 
 @dataclass(frozen=True)
@@ -218,10 +221,16 @@ class GPT(nn.Module):
 
 
 def save_model(model: GPT, path: str | Path, extra: dict[str, Any]) -> None:
-    """Weights and config only (no optimizer), written atomically."""
+    """Weights and config only (no optimizer), written atomically; the same weights give the same bytes.
+
+    torch.save names the zip archive's inner folder after the file it writes to, which for an
+    atomic write is a random temp name; saved through a buffer, the folder is always `archive`,
+    so DVC sees that a rerun which reproduced the weights reproduced the file.
+    """
     payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict(), "extra": extra}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
@@ -229,3 +238,19 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GP
     model = GPT(GPTConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model.to(map_location).eval()
+
+
+def load_trained_model(model_dir: str | Path, tokenizer_fingerprint: str, device: torch.device) -> GPT:
+    """model.pt from the pretrain stage, once model.json shows it was trained on this tokenizer's ids."""
+    model_dir = Path(model_dir)
+    fix = "Fix: run `dvc repro pretrain`"
+    try:
+        meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+        model = load_model(model_dir / "model.pt", map_location=device)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{model_dir}: cannot load the trained model ({exc}). {fix}.") from None
+    trained_with = meta.get("tokenizer_fingerprint")
+    if trained_with != tokenizer_fingerprint:
+        raise PipelineError(f"{model_dir}: trained with tokenizer {str(trained_with)[:16]}…, but data/tokenizer is "
+                            f"{tokenizer_fingerprint[:16]}…: its ids would mean other tokens. {fix}.")
+    return model

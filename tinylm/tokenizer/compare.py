@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from tinylm.bpe import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, Tokenizer, str_to_token
-from tinylm.bpe_train import count_pretokens, merge_pretokens
-from tinylm.pretokenize import PreTokenizer, read_utf8
+from tinylm.tokenizer.bpe import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, Tokenizer, str_to_token
+from tinylm.tokenizer.train import count_pretokens, merge_pretokens
+from tinylm.tokenizer.pretokenize import PreTokenizer, read_utf8
 
 EXAMPLE_WORDS = ("strawberry", " strawberry", " antidisestablishmentarianism", " 1234567")
 # Where the Makefile points tiktoken (GPT-2's files, offline); see ../shared/README.md.

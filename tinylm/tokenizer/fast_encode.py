@@ -30,9 +30,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import tiktoken
 
-from tinylm.bpe import Tokenizer
-from tinylm.pretokenize import PreTokenizer
-from tinylm.shards import write_split
+from tinylm.tokenizer.bpe import Tokenizer
+from tinylm.tokenizer.pretokenize import PreTokenizer
+from tinylm.corpus.shards import write_split
 
 # Documents per task: big enough that inter-process traffic is noise, small enough to keep all
 # workers busy and memory flat (at most 2 batches per worker are in flight).
@@ -213,7 +213,7 @@ def check_against_reference(tokenizer: Tokenizer, documents: Iterable[str], ids:
         got = ids[offset:offset + expected.size]
         if got.size != expected.size or not np.array_equal(got, expected):
             raise RuntimeError(f"{where}: document {count - 1} encodes differently with the fast engine than "
-                               "with Tokenizer.encode (a bug in tinylm/fast_encode.py or tinylm/bpe.py)")
+                               "with Tokenizer.encode (a bug in tinylm/tokenizer/fast_encode.py or tinylm/tokenizer/bpe.py)")
         offset += expected.size
     if offset != ids.size:
         raise RuntimeError(f"{where}: {ids.size - offset} more ids than the documents encode to")

@@ -26,7 +26,7 @@ from typing import Iterable
 import numpy as np
 
 from tinylm.files import atomic_open
-from tinylm.stage import PipelineError
+from tinylm.errors import PipelineError
 
 MAGIC = b"TINYLMTK"
 FORMAT_VERSION = 1

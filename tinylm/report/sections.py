@@ -1,185 +1,33 @@
 """reports/report.md: what the pipeline did, built from its outputs only (no recomputation of results).
 
-Every number comes from a file an earlier stage wrote; the model's insides (attention, weights)
-are read from data/model. A missing input, or one without an expected key, is a PipelineError
-naming the file and the stage to rerun. Figures go to reports/figures/ and the markdown links
-them relatively, so the report renders on GitHub; the markdown is written last, after every
-figure it links, and each file is replaced atomically.
+Every number comes from a file an earlier stage wrote (see `tinylm.report.inputs`); the model's
+insides (attention, weights) are read from data/model. Figures go to reports/figures/ and the
+markdown links them relatively, so the report renders on GitHub; the markdown is written last,
+after every figure it links, and each file is replaced atomically.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
-from tinylm import internals, plotting
-from tinylm.bpe import Tokenizer, load_tokenizer
 from tinylm.config import Params
-from tinylm.data import iter_eot_stories
-from tinylm.evaluate import load_trained_model
+from tinylm.corpus.formats import iter_eot_stories
 from tinylm.files import write_text
-from tinylm.stage import PipelineError
+from tinylm.model import load_trained_model
+from tinylm.report import figures, introspection
+from tinylm.report.inputs import (CLEAN, CLEAN_VAL, EVAL, MODEL_DIR, MODEL_SUMMARY, PROVENANCE, SAMPLES, SAMPLING,
+                                  SHARDS, TOKENIZER_DIR, TOKENIZER_REPORT, TRAIN_METRICS, TRAIN_SERIES, Record,
+                                  read_json, read_jsonl, read_series, require)
+from tinylm.report.markdown import (Report, code_block, count, duration, escape, number, shown_token, short,
+                                    table)
+from tinylm.tokenizer.bpe import Tokenizer, load_tokenizer
 
 REPORT = Path("reports/report.md")
 FIGURES = Path("reports/figures")
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens per parameter
-# dvclive series the training section plots (reports/train/plots/metrics/<name>.tsv).
-TRAIN_SERIES = ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
-
-
-@dataclass(frozen=True)
-class Source:
-    """An input of the report and the stage that writes it."""
-
-    path: Path
-    stage: str
-
-    def fail(self, problem: str) -> PipelineError:
-        return PipelineError(f"{self.path}: {problem}. It is written by the {self.stage} stage; "
-                             f"fix: run `dvc repro {self.stage}`")
-
-
-CLEAN = Source(Path("reports/clean.json"), "clean")
-PROVENANCE = Source(Path("data/raw/provenance.json"), "download")
-CLEAN_VAL = Source(Path("data/clean/val.txt"), "clean")
-TOKENIZER_REPORT = Source(Path("reports/tokenizer.json"), "train_bpe")
-TOKENIZER_DIR = Source(Path("data/tokenizer"), "train_bpe")
-SHARDS = Source(Path("reports/shards.json"), "encode_shards")
-MODEL_DIR = Source(Path("data/model"), "pretrain")
-MODEL_SUMMARY = Source(Path("data/model/model.json"), "pretrain")
-TRAIN_METRICS = Source(Path("reports/train/metrics.json"), "pretrain")
-TRAIN_PLOTS = Source(Path("reports/train/plots/metrics"), "pretrain")
-EVAL = Source(Path("reports/eval.json"), "evaluate_ppl")
-SAMPLING = Source(Path("reports/sampling.json"), "sample_sweep")
-SAMPLES = Source(Path("reports/samples.jsonl"), "sample_sweep")
-
-
-class Record(dict):
-    """A JSON object that, asked for a key it lacks, names its file and the stage to rerun."""
-
-    def __init__(self, items: dict, source: Source):
-        super().__init__(items)
-        self.source = source
-
-    def __missing__(self, key: str) -> Any:
-        raise self.source.fail(f"has no key {key!r} (written by an older or different version of the stage)")
-
-
-def _require(root: Path, source: Source) -> Path:
-    path = root / source.path
-    if not path.exists():
-        raise source.fail("missing")
-    return path
-
-
-def _parse_json(text: str, source: Source) -> Any:
-    try:
-        return json.loads(text, object_hook=lambda items: Record(items, source))
-    except ValueError as exc:
-        raise source.fail(f"not valid JSON ({exc})") from None
-
-
-def read_json(root: Path, source: Source) -> Record:
-    return _parse_json(_require(root, source).read_text(encoding="utf-8"), source)
-
-
-def read_jsonl(root: Path, source: Source) -> list[Record]:
-    lines = _require(root, source).read_text(encoding="utf-8").splitlines()
-    return [_parse_json(line, source) for line in lines if line.strip()]
-
-
-def read_series(root: Path, name: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one dvclive metric: a TSV with a header `step<TAB>name`."""
-    source = Source(TRAIN_PLOTS.path / f"{name}.tsv", TRAIN_PLOTS.stage)
-    with open(_require(root, source), encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or "step" not in rows[0] or name not in rows[0]:
-        raise source.fail(f"expected a header 'step\\t{name}' and at least one row")
-    return [int(row["step"]) for row in rows], [float(row[name]) for row in rows]
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown
-
-
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~&])")
-
-
-def escape(text: str) -> str:
-    """Text for a table cell: markdown punctuation escaped (a `|` would end the cell), newlines as <br>."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("\r\n", "\n").replace("\n", "<br>")
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric_from: int = 1) -> list[str]:
-    """A pipe table; columns from `numeric_from` on are right-aligned (they hold numbers)."""
-    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
-    return lines + [""]
-
-
-def code_block(text: str) -> list[str]:
-    """Verbatim text in a fence longer than any run of backticks inside it."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return [f"{fence}text", text, fence, ""]
-
-
-def shown_token(token: str) -> str:
-    """A token in a code span, its spaces visible as ␣ (leading spaces are part of BPE tokens)."""
-    return "`" + token.replace(" ", "␣").replace("`", "'").replace("|", "\\|") + "`"
-
-
-def number(value: float, digits: int = 3) -> str:
-    return f"{value:,.{digits}f}"
-
-
-def count(value: int) -> str:
-    return f"{value:,}"
-
-
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
-
-
-def short(value: float) -> str:
-    """A large count in a sentence: 1,234,567 -> 1.23M."""
-    for factor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-class Report:
-    """Markdown lines and the figures they link, built section by section."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.figures: dict[str, Figure] = {}
-
-    def add(self, *lines: str) -> None:
-        self.lines.extend(lines)
-
-    def figure(self, name: str, fig: Figure, alt: str) -> None:
-        self.figures[f"{name}.png"] = fig
-        self.add(f"![{alt}](figures/{name}.png)", "")
-
-    def markdown(self) -> str:
-        return "\n".join(self.lines).rstrip("\n") + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Sections
 
 
 def data_section(report: Report, root: Path, shards: Record) -> None:
@@ -224,7 +72,7 @@ def tokenizer_section(report: Report, root: Path, d_model: int) -> None:
     bars = [(f"{label}, vocab {count(size)}", bpt, label.split(" ")[0]) for label, size, bpt, _ in rows]
     bars += [(f"ours (BPE), vocab {count(s['vocab_size'])}", s["val_bytes_per_token"], "ours")
              for s in sizes if s["vocab_size"] != stats["vocab_size"]]
-    report.figure("tokenizer_bytes_per_token", plotting.bytes_per_token_chart(bars),
+    report.figure("tokenizer_bytes_per_token", figures.bytes_per_token_chart(bars),
                   "Bytes per token of each tokenizer and vocabulary size")
 
     report.add("Our BPE at other vocabulary sizes (256 is raw bytes, no merges). A bigger vocabulary shortens the "
@@ -293,9 +141,9 @@ def training_section(report: Report, root: Path, metrics: Record, summary: Recor
                "Loss of each logged training batch (before its update) and of the fixed validation batches, "
                f"against optimizer steps and against training tokens ({count(batch_tokens)} per step). "
                "Source: the dvclive logs in `reports/train/`.", "")
-    report.figure("loss", plotting.loss_curves(*series["train_loss"], *series["val_loss"], batch_tokens),
+    report.figure("loss", figures.loss_curves(*series["train_loss"], *series["val_loss"], batch_tokens),
                   "Train and validation loss against step and tokens")
-    report.figure("training_dynamics", plotting.training_dynamics(
+    report.figure("training_dynamics", figures.training_dynamics(
         series["lr"], series["grad_norm"], series["tokens_per_s"], grad_clip),
         "Learning rate, gradient norm and throughput against step")
     report.add(*table(["quantity", "value"], [
@@ -362,7 +210,7 @@ def sampling_section(report: Report, root: Path, sample_chars: int) -> None:
                        "samples"],
                       [[f"`{name}`", *(number(metrics[name][key], digits) for key, digits in columns),
                         count(metrics[name]["num_samples"])] for name in names]))
-    report.figure("diversity_coherence", plotting.diversity_vs_coherence(
+    report.figure("diversity_coherence", figures.diversity_vs_coherence(
         {name: (metrics[name]["distinct_2"], metrics[name]["self_ppl"]) for name in names}),
         "Distinct-2 against self-perplexity, one point per decoding config")
     report.add(f"Every sample, trimmed to {sample_chars} characters after the prompt (in bold); the full texts "
@@ -374,7 +222,7 @@ def sampling_section(report: Report, root: Path, sample_chars: int) -> None:
 
 def attention_story(root: Path, tokenizer: Tokenizer, length: int) -> tuple[list[int], str]:
     """The first validation story's first tokens, after <|endoftext|> as every story is in training."""
-    path = _require(root, CLEAN_VAL)
+    path = require(root, CLEAN_VAL)
     story = next(iter_eot_stories(path), None)
     if story is None:
         raise CLEAN_VAL.fail("holds no story")
@@ -388,19 +236,19 @@ def head_verdict(share: float, pattern: str) -> str:
 
 
 def inside_section(report: Report, root: Path, attention_tokens: int) -> None:
-    tokenizer = load_tokenizer(_require(root, TOKENIZER_DIR))
-    model = load_trained_model(_require(root, MODEL_DIR), tokenizer, torch.device("cpu"))
+    tokenizer = load_tokenizer(require(root, TOKENIZER_DIR))
+    model = load_trained_model(require(root, MODEL_DIR), tokenizer.fingerprint, torch.device("cpu"))
     ids, text = attention_story(root, tokenizer, min(attention_tokens, model.config.block_size))
-    probs = internals.attention_probabilities(model, torch.tensor(ids))
+    probs = introspection.attention_probabilities(model, torch.tensor(ids))
     # Figure labels: DejaVu draws ␣ too small to read at 8 pt, so spaces show as a middle dot.
     labels = [tokenizer.decode([i]).replace(" ", "·").replace("\n", "↵") for i in ids]
     report.add("## Inside the model", "",
                f"Attention of every head on the first {len(ids)} tokens of the first validation story "
                "(after `<|endoftext|>`, as in training). Row = the query token, column = the token it attends "
                "to; blank cells are the future, which a causal model cannot see.", "", *code_block(text))
-    report.figure("attention_heads", plotting.attention_grid(probs.numpy()), "Attention heatmaps of every head")
+    report.figure("attention_heads", figures.attention_grid(probs.numpy()), "Attention heatmaps of every head")
 
-    previous, first = internals.attention_to_previous(probs), internals.attention_to_first(probs)
+    previous, first = introspection.attention_to_previous(probs), introspection.attention_to_first(probs)
     layer, head = divmod(int(previous.argmax()), model.config.n_head)
     sink_layer, sink_head = divmod(int(first.argmax()), model.config.n_head)
     previous_share, sink_share = float(previous[layer, head]), float(first[sink_layer, sink_head])
@@ -409,11 +257,11 @@ def inside_section(report: Report, root: Path, attention_tokens: int) -> None:
     report.add(f"Layer {layer} head {head} puts the most attention on the previous token: {previous_share:.0%} on "
                f"average ({previous_kind}). Layer {sink_layer} head {sink_head} puts the most on the first token: "
                f"{sink_share:.0%} ({sink_kind}).", "")
-    report.figure("attention_previous_token_head", plotting.attention_head(
+    report.figure("attention_previous_token_head", figures.attention_head(
         probs[layer, head].numpy(), labels, f"Layer {layer} head {head}: attention by token (· = space)"),
         "Attention of the strongest previous-token head, with tokens")
 
-    matrices = internals.weight_matrices(model)
+    matrices = introspection.weight_matrices(model)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for m in matrices:
         title = {"wte": "wte (tokens; = LM head)", "wpe": "wpe (position embedding)"}.get(m.name, m.name)
@@ -422,14 +270,14 @@ def inside_section(report: Report, root: Path, attention_tokens: int) -> None:
     report.add("Weights: one histogram per matrix kind and layer (q, k and v are the thirds of the fused qkv "
                "projection). Spectral norm = the largest singular value, the most a matrix can stretch a vector; "
                "a layer whose norms grow far beyond the others amplifies its input.", "")
-    report.figure("weight_histograms", plotting.weight_histograms(groups), "Weight histograms per matrix and layer")
-    norms = internals.spectral_norms(model)
-    report.figure("spectral_norms", plotting.spectral_norm_chart(norms),
+    report.figure("weight_histograms", figures.weight_histograms(groups), "Weight histograms per matrix and layer")
+    norms = introspection.spectral_norms(model)
+    report.figure("spectral_norms", figures.spectral_norm_chart(norms),
                   "Spectral norm of each weight matrix per layer")
-    report.add(*table(["layer", *internals.LAYER_MATRICES],
-                      [[layer, *(number(norms[name][layer], 3) for name in internals.LAYER_MATRICES)]
+    report.add(*table(["layer", *introspection.LAYER_MATRICES],
+                      [[layer, *(number(norms[name][layer], 3) for name in introspection.LAYER_MATRICES)]
                        for layer in range(model.config.n_layer)]))
-    embeddings = {m.name: internals.spectral_norm(m.weight) for m in matrices if m.layer is None}
+    embeddings = {m.name: introspection.spectral_norm(m.weight) for m in matrices if m.layer is None}
     report.add(f"Embeddings: wte {number(embeddings['wte'], 3)}, wpe {number(embeddings['wpe'], 3)}.", "")
 
 
@@ -461,10 +309,10 @@ def write_report(root: Path, params: Params) -> Report:
     """Write every figure, then report.md (so it never links a figure not yet written); PNGs left
     in the figures folder by an earlier report that this one does not link are removed."""
     report = build_report(root, params)
-    figures = root / FIGURES
+    figure_dir = root / FIGURES
     for name, fig in report.figures.items():
-        plotting.save_figure(fig, figures / name)
-    for stale in figures.glob("*.png"):
+        figures.save_figure(fig, figure_dir / name)
+    for stale in figure_dir.glob("*.png"):
         if stale.name not in report.figures:
             stale.unlink()
     write_text(root / REPORT, report.markdown())

@@ -30,14 +30,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 
-from tinylm.batches import TokenWindows, TrainBatches, validation_batches
-from tinylm.checkpoint import (fingerprint, fingerprint_inputs, hash_tokens, load_checkpoint,
-                               remove_stale_temp_files, save_checkpoint)
+from tinylm.training.batches import TokenWindows, TrainBatches, validation_batches
+from tinylm.training.checkpoint import (fingerprint, fingerprint_inputs, hash_tokens, load_checkpoint, remove_stale_temp_files, save_checkpoint)
 from tinylm.config import TrainParams
-from tinylm.metrics_log import MetricLog
+from tinylm.training.metrics_log import MetricLog
 from tinylm.model import GPT, GPTConfig
-from tinylm.runtime import Distributed, autocast, process_group, resolve_device, resolve_precision
-from tinylm.stage import PipelineError
+from tinylm.training.runtime import Distributed, autocast, process_group, resolve_device, resolve_precision
+from tinylm.errors import PipelineError
 
 
 class TrainingInterrupted(PipelineError):

@@ -2,36 +2,32 @@
 
 Sources are tried in the order of `data.sources`; the first usable one wins:
 - a hub dataset id (`roneneldan/TinyStories`), streamed with `datasets.load_dataset(...,
-  streaming=True)`. Before touching it we open one TCP connection to the hub with a short
-  timeout (`data.hub_timeout_s`): offline, `datasets` would otherwise sit in retries for ~25 s.
+  streaming=True)`. Before touching it we send one HTTPS request to the hub's API with a
+  short timeout (`data.hub_timeout_s`): offline, `datasets` would otherwise sit in retries for ~25 s.
 - a local folder in the hub's layout (`../shared/data/tinystories`), read by the same
   `load_dataset` call;
-- `{train: FILE, validation: FILE}`: `.jsonl` (a "text" field per line), `.txt` in the official
-  format (each story followed by a line `<|endoftext|>`), or `.txt` with stories and paragraphs
-  both separated by blank lines (the V1 file as found in the wild), where a paragraph matching
-  `data.story_start_regex` opens a new story.
+- `{train: FILE, validation: FILE}`, in any format of `tinylm.corpus.formats`.
 
 The source actually used goes into `data/raw/provenance.json`, which clean depends on, so a
 change of source (a different label or different bytes) reruns everything downstream.
 """
 from __future__ import annotations
 
-import codecs
 import itertools
 import json
 import os
 import re
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
-import urllib.request
+from typing import Iterator
 
 from tinylm.config import DataParams, SplitFiles
+from tinylm.corpus.formats import iter_file_stories
+from tinylm.errors import PipelineError
 from tinylm.files import atomic_open, sha256_file, write_json
-from tinylm.stage import PipelineError
 
-EOT_LINE = "<|endoftext|>"
 # Our split names, and the split names of the hub's layout.
 HUB_SPLITS = {"train": "train", "val": "validation"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -93,105 +89,6 @@ def resolve_source(params: DataParams) -> tuple[Source, list[str]]:
     )
 
 
-def _check_utf8(path: Path) -> None:
-    """Raise a clear error at the first invalid UTF-8 byte (decoding errors must not lose text)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                raise PipelineError(
-                    f"{path}: not valid UTF-8 at byte {offset + exc.start}. Fix: re-encode the file as"
-                    " UTF-8 (e.g. iconv -f cp1252 -t utf-8)."
-                ) from None
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise PipelineError(f"{path}: ends in the middle of a UTF-8 character; the file is truncated") from None
-
-
-def _has_eot_lines(path: Path) -> bool:
-    """True at the first `<|endoftext|>` line (early in the official format), False at the end."""
-    with open(path, encoding="utf-8") as f:
-        return any(line.strip() == EOT_LINE for line in f)
-
-
-def iter_eot_stories(path: Path) -> Iterator[str]:
-    """Stories separated by `<|endoftext|>` lines (the official plain-text format)."""
-    lines: list[str] = []
-    with open(path, encoding="utf-8") as f:  # universal newlines: CRLF becomes \n
-        for line in f:
-            if line.strip() == EOT_LINE:
-                yield "".join(lines).removesuffix("\n")  # that newline belongs to the separator
-                lines = []
-            else:
-                lines.append(line)
-    if "".join(lines).strip():
-        yield "".join(lines)
-
-
-def write_eot_stories(path: Path, stories: Iterable[str]) -> int:
-    """Write stories in the official format (each followed by a `<|endoftext|>` line), atomically."""
-    count = 0
-    with atomic_open(path) as f:
-        for story in stories:
-            f.write(f"{story}\n{EOT_LINE}\n")
-            count += 1
-    return count
-
-
-def iter_blankline_stories(path: Path, story_start: re.Pattern[str]) -> Iterator[str]:
-    """Blank-line separated paragraphs; a paragraph matching `story_start` opens a new story."""
-    paragraphs: list[str] = []
-    current: list[str] = []
-
-    def flush_paragraph() -> Iterator[str]:
-        paragraph = "".join(current).strip("\n")
-        current.clear()
-        if not paragraph.strip():
-            return
-        if story_start.match(paragraph.lstrip()) and paragraphs:
-            yield "\n\n".join(paragraphs)
-            paragraphs.clear()
-        paragraphs.append(paragraph)
-
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                current.append(line)
-            else:
-                yield from flush_paragraph()
-    yield from flush_paragraph()
-    if paragraphs:
-        yield "\n\n".join(paragraphs)
-
-
-def iter_jsonl_stories(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise PipelineError(f'{path}:{number}: each line must be an object with a string "text" field')
-            yield record["text"]
-
-
-def iter_file_stories(path: Path, story_start: re.Pattern[str]) -> Iterator[str]:
-    _check_utf8(path)
-    if path.suffix in (".jsonl", ".json"):
-        return iter_jsonl_stories(path)
-    if _has_eot_lines(path):
-        return iter_eot_stories(path)
-    return iter_blankline_stories(path, story_start)
-
-
 def iter_stories(source: Source, split: str, params: DataParams) -> Iterator[str]:
     """Every story of one split (`train` or `val`) of the source, in the source's order."""
     if source.kind == "files":
@@ -251,10 +148,3 @@ def _source_hashes(source: Source) -> dict[str, str] | None:
         root = Path(source.label)
         return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*.parquet"))}
     return None
-
-
-def read_raw_split(path: Path) -> Iterator[str]:
-    """Stories of a `data/raw/{split}.jsonl` file written by `download`."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing. Fix: run `dvc repro download` first.")
-    return iter_jsonl_stories(path)

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import regex
 
-from tinylm.stage import PipelineError
+from tinylm.errors import PipelineError
 
 # GPT-2's pre-tokenizer (also tiktoken's `gpt2` and HF's ByteLevel): contractions, letter runs,
 # number runs and punctuation runs each with an optional leading space, then whitespace runs.

@@ -24,9 +24,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from tinylm.bpe_train import merge_pair, train_bpe
 from tinylm.files import fsync_dir, sha256_file, write_json, write_text
-from tinylm.pretokenize import GPT2_PATTERN, PRETOKEN_RE, PreTokenizer, TokenizerError
+from tinylm.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE, PreTokenizer, TokenizerError
 
 EOT = "<|endoftext|>"
 MERGES_HEADER = "#version: 0.2"
@@ -66,6 +65,20 @@ def str_to_token(text: str, where: str) -> bytes:
         return bytes(table[char] for char in text)
     except KeyError as exc:
         raise TokenizerError(f"{where}: {text!r} has {exc.args[0]!r}, outside GPT-2's byte alphabet") from None
+
+
+def merge_pair(word: Sequence[int], left: int, right: int, merged: int) -> list[int]:
+    """`word` with every non-overlapping (left, right), scanned left to right, replaced by `merged`."""
+    out = []
+    i, n = 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == left and word[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
 
 
 class _PretokenCache(dict):
@@ -303,4 +316,4 @@ def load_gpt2(cache_dir: str | os.PathLike) -> Tokenizer:
     return Tokenizer.from_files(cache_dir / GPT2_VOCAB_FILE, cache_dir / GPT2_MERGES_FILE, [EOT])
 
 
-__all__ = ["EOT", "Tokenizer", "TokenizerError", "load_gpt2", "load_tokenizer", "train_bpe"]
+__all__ = ["EOT", "Tokenizer", "TokenizerError", "load_gpt2", "load_tokenizer", "merge_pair"]

@@ -20,7 +20,8 @@ from typing import Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from tinylm.pretokenize import PRETOKEN_RE, PreTokenizer, TokenizerError, check_special_tokens, read_utf8
+from tinylm.tokenizer.bpe import merge_pair
+from tinylm.tokenizer.pretokenize import (PRETOKEN_RE, PreTokenizer, TokenizerError, check_special_tokens, read_utf8)
 
 BLOCK_CHARS = 1 << 20
 
@@ -100,20 +101,6 @@ def _descending_key(token: bytes) -> str:
     longer string sorts before its own prefix, as "greater" demands. heapq is a min-heap.
     """
     return "".join(chr(255 - b) for b in token) + chr(256)
-
-
-def merge_pair(word: Sequence[int], left: int, right: int, merged: int) -> list[int]:
-    """`word` with every non-overlapping (left, right), scanned left to right, replaced by `merged`."""
-    out = []
-    i, n = 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == left and word[i + 1] == right:
-            out.append(merged)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
 
 
 def merge_pretokens(word_counts: Mapping[str, int], vocab_size: int, special_tokens: Sequence[str],

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from tinylm.decoder import Decoder, Generation, check_length, check_prompt, entropy
+from tinylm.generation.decoder import Decoder, Generation, check_length, check_prompt, entropy
 from tinylm.model import GPT
 
 

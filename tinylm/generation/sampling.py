@@ -3,7 +3,7 @@
 The logit functions take logits [B, V] and return new logits [B, V] with the excluded tokens set
 to -inf, so they compose (temperature first, then the truncations, as in Hugging Face's order).
 `generate` runs greedy decoding or sampling on the model through a `Decoder` (KV cache, window
-sliding past block_size); beam and contrastive search live in `tinylm.search`; `decode` picks the
+sliding past block_size); beam and contrastive search live in `tinylm.generation.search`; `decode` picks the
 function for a strategy.
 
 What a generation records, beyond its tokens: the model's own log-probability of each produced
@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from tinylm.decoder import Decoder, Generation, check_length, check_prompt, entropy, rows_to_generations
+from tinylm.generation.decoder import (Decoder, Generation, check_length, check_prompt, entropy, rows_to_generations)
 from tinylm.model import GPT
-from tinylm.search import Beam, Contrastive, beam_search, contrastive_search
+from tinylm.generation.search import Beam, Contrastive, beam_search, contrastive_search
 
 
 def check_temperature(temperature: float) -> None:

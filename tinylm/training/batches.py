@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tinylm.stage import PipelineError
+from tinylm.errors import PipelineError
 
 
 class TokenWindows:

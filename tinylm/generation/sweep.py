@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from tinylm.bpe import Tokenizer
+from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.config import ParamError, SampleParams
-from tinylm.decoder import Generation
+from tinylm.generation.decoder import Generation
 from tinylm.model import GPT
-from tinylm.sampling import Greedy, Sample, Strategy, decode, describe
-from tinylm.search import Beam, Contrastive
-from tinylm.text_metrics import distinct_n, repetition_rate
+from tinylm.generation.sampling import Greedy, Sample, Strategy, decode, describe
+from tinylm.generation.search import Beam, Contrastive
+from tinylm.generation.text_metrics import distinct_n, repetition_rate
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.config import load_params
 from tinylm.evaluate import check_spells_text, evaluate
 from tinylm.model import load_trained_model
-from tinylm.files import write_json
 from tinylm.corpus.shards import load_split
 from tinylm.errors import run_stage
+from tinylm.records.io import write_record
 
 TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
 VAL_TEXT = Path("data/clean/val.txt")
@@ -31,11 +31,10 @@ def main() -> None:
     train_tokens = load_split(SHARDS, "train", tokenizer.fingerprint)
     report = evaluate(model, val_tokens, train_tokens, tokenizer, params.eval.stride, params.eval.batch_size,
                       init_seed=params.train.seed)
-    write_json(REPORT, report)
-    baselines = report["baselines"]
-    print(f"evaluate_ppl: {report['tokens_evaluated']:,} val tokens | loss {report['val_loss']:.4f} | "
-          f"ppl {report['val_ppl']:.2f} | bpb {report['val_bpb']:.4f} | untrained ppl "
-          f"{baselines['untrained']['ppl']:.1f} | unigram ppl {baselines['unigram']['ppl']:.1f} -> {REPORT}")
+    write_record(REPORT, report)
+    print(f"evaluate_ppl: {report.tokens_evaluated:,} val tokens | loss {report.val_loss:.4f} | "
+          f"ppl {report.val_ppl:.2f} | bpb {report.val_bpb:.4f} | untrained ppl "
+          f"{report.baselines.untrained.ppl:.1f} | unigram ppl {report.baselines.unigram.ppl:.1f} -> {REPORT}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from pathlib import Path
 from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.training.checkpoint import remove_checkpoint
 from tinylm.config import load_params, to_dict
-from tinylm.files import write_json
 from tinylm.model import GPTConfig, save_model
 from tinylm.corpus.shards import load_split
 from tinylm.errors import run_stage
+from tinylm.records.io import plain, write_record
+from tinylm.records.model import ModelSummary
 from tinylm.training.trainer import train
 
 TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
@@ -24,25 +25,24 @@ REPORTS = Path("reports/train")
 def main() -> None:
     params = load_params()
     tokenizer = load_tokenizer(TOKENIZER)
-    train_tokens = load_split(SHARDS, "train", tokenizer.fingerprint)
-    val_tokens = load_split(SHARDS, "val", tokenizer.fingerprint)
+    train_tokens, val_tokens = (load_split(SHARDS, split, tokenizer.fingerprint) for split in ("train", "val"))
     config = GPTConfig.from_params(params.model, tokenizer.vocab_size)
     result = train(config, params.train, train_tokens, val_tokens, checkpoint_path=CHECKPOINT,
                    log_dir=REPORTS, tokenizer_fingerprint=tokenizer.fingerprint)
     if not result.is_main:
         return
-    summary = {
-        "config": to_dict(config),
-        "params": result.model.num_params(),
-        "params_without_embeddings": result.model.num_params(include_embeddings=False),
-        "steps": result.steps,
-        "tokens_trained": result.tokens,
-        "final_train_loss": result.train_loss,
-        "final_val_loss": result.val_loss,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-    }
-    save_model(result.model, MODEL / "model.pt", extra=summary)
-    write_json(MODEL / "model.json", summary)
+    summary = ModelSummary(
+        config=to_dict(config),
+        params=result.model.num_params(),
+        params_without_embeddings=result.model.num_params(include_embeddings=False),
+        steps=result.steps,
+        tokens_trained=result.tokens,
+        final_train_loss=result.train_loss,
+        final_val_loss=result.val_loss,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+    )
+    save_model(result.model, MODEL / "model.pt", extra=plain(summary))
+    write_record(MODEL / "model.json", summary)
     remove_checkpoint(CHECKPOINT)
     print(f"pretrain: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f} -> {MODEL}")
 

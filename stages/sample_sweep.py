@@ -4,7 +4,6 @@ Every decoding strategy of params.sample on every prompt (see tinylm/generation/
 sample (config, strategy params, prompt, seed, completion), and per config its diversity,
 repetition, entropy, length and the model's perplexity of its own samples.
 """
-import json
 from pathlib import Path
 
 import torch
@@ -12,9 +11,9 @@ import torch
 from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.config import load_params
 from tinylm.model import load_trained_model
-from tinylm.files import atomic_open, write_json
 from tinylm.errors import run_stage
 from tinylm.generation.sweep import run_sweep
+from tinylm.records.io import write_record, write_records
 
 TOKENIZER, MODEL = Path("data/tokenizer"), Path("data/model")
 SAMPLES, METRICS = Path("reports/samples.jsonl"), Path("reports/sampling.json")
@@ -30,9 +29,8 @@ def main() -> None:
         torch.set_num_threads(1)
     model = load_trained_model(MODEL, tokenizer.fingerprint, device)
     records, metrics = run_sweep(model, tokenizer, params.sample)
-    with atomic_open(SAMPLES) as f:
-        f.writelines(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
-    write_json(METRICS, metrics)
+    write_records(SAMPLES, records)
+    write_record(METRICS, metrics)
     print(f"sample_sweep: {len(records)} samples from {len(metrics)} configs -> {SAMPLES}, {METRICS}")
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tinylm.tokenizer import compare
 from tinylm.tokenizer.bpe import Tokenizer
+from tinylm.tokenizer.compare import tokenizer_report
 from tinylm.tokenizer.train import train_bpe
 from tinylm.config import load_params
-from tinylm.files import write_json
 from tinylm.errors import PipelineError, run_stage
+from tinylm.records.io import write_record
 
 TRAIN = Path("data/clean/train.txt")
 VAL = Path("data/clean/val.txt")
@@ -34,19 +34,10 @@ def main() -> None:
     tokenizer.save(OUT_DIR)
     print(f"trained {tokenizer.vocab_size} tokens ({len(merges)} merges) in {train_seconds:.2f}s -> {OUT_DIR}")
 
-    val_text = VAL.read_text(encoding="utf-8")
-    val_tokens = len(tokenizer.encode(val_text))
-    report = {
-        "vocab_size": tokenizer.vocab_size,
-        "num_merges": len(merges),
-        "train_seconds": round(train_seconds, 3),
-        "val_tokens": val_tokens,
-        "val_bytes_per_token": compare.bytes_per_token(val_text, val_tokens),
-        "fingerprint": tokenizer.fingerprint,
-        **compare.compare(tokenizer, TRAIN, val_text, params.compare_vocab_sizes, params.workers),
-    }
-    write_json(REPORT, report)
-    print(f"validation: {report['val_bytes_per_token']} bytes/token -> {REPORT}")
+    report = tokenizer_report(tokenizer, train_seconds, TRAIN, VAL.read_text(encoding="utf-8"),
+                              params.compare_vocab_sizes, params.workers)
+    write_record(REPORT, report)
+    print(f"validation: {report.val_bytes_per_token} bytes/token -> {REPORT}")
 
 
 if __name__ == "__main__":

@@ -121,13 +121,6 @@ def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(small):
         small.decode([-1])
 
 
-def test_encode_iterable_streams_the_same_ids(small, valid_text):
-    lines = valid_text[:400_000].splitlines(keepends=True)
-    assert list(small.encode_iterable(lines)) == small.encode("".join(lines))
-    characters = iter("a  b\n\n  c'll" + EOT + "x" * 10)
-    assert list(small.encode_iterable(characters)) == small.encode("a  b\n\n  c'll" + EOT + "x" * 10)
-
-
 def _pieces(pretokenizer: PreTokenizer, text: str) -> list[str]:
     out = []
     for index, part in enumerate(pretokenizer.split_specials(text)):

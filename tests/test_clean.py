@@ -91,7 +91,7 @@ def test_ten_megabyte_story_is_dropped_quickly(params):
 
 def test_report_has_every_reason(params):
     _, report = run([STORY, ""], params())
-    assert set(report.as_dict()["dropped"]) == set(clean.DROP_REASONS)
+    assert set(report.record().dropped) == set(clean.DROP_REASONS)
 
 
 def test_messy_v1_file_leaves_no_mojibake(shared_dir, params, repo_root):

@@ -15,6 +15,8 @@ from tinylm.corpus import formats, sources
 from tinylm.config import SplitFiles, parse_params
 from tinylm.errors import PipelineError
 from tinylm.files import sha256_file
+from tinylm.records.corpus import Provenance
+from tinylm.records.io import read_record
 
 
 @pytest.fixture
@@ -133,11 +135,12 @@ def test_download_from_the_offline_folder(data_params, shared_dir, tmp_path, unr
     params = data_params(["roneneldan/TinyStories", str(shared_dir / "data/tinystories")],
                          max_train_stories=50, max_val_stories=20)
     record = sources.download(params, tmp_path / "raw", log=lambda _: None)
-    assert record["kind"] == "folder" and record["splits"]["train"]["stories"] == 50
+    assert record.kind == "folder" and record.splits.train.stories == 50
     lines = (tmp_path / "raw/val.jsonl").read_text().splitlines()
     assert len(lines) == 20 and json.loads(lines[0])["text"].startswith("Once upon a time")
-    assert record["splits"]["val"]["sha256"] == sha256_file(tmp_path / "raw/val.jsonl")
-    assert json.loads((tmp_path / "raw/provenance.json").read_text()) == record
+    assert record.splits.val.sha256 == sha256_file(tmp_path / "raw/val.jsonl")
+    # What the report reads back is what download returned.
+    assert read_record(tmp_path / "raw/provenance.json", Provenance, "download") == record
     # Same source and caps: byte-identical outputs.
     first = (tmp_path / "raw/train.jsonl").read_bytes()
     sources.download(params, tmp_path / "raw", log=lambda _: None)
@@ -149,10 +152,10 @@ def test_download_from_official_and_messy_text_files(data_params, shared_dir, tm
     params = data_params([{"train": str(tiny / "TinyStories-train-sample.txt"),
                            "validation": str(tiny / "messy/TinyStories-valid-v1-mojibake.txt")}])
     record = sources.download(params, tmp_path / "raw", log=lambda _: None)
-    assert record["kind"] == "files" and set(record["source_sha256"]) == {"train", "val"}
-    assert record["splits"]["train"]["stories"] == 5317
+    assert record.kind == "files" and set(record.source_sha256) == {"train", "val"}
+    assert record.splits.train.stories == 5317
     # ~800 stories in the first 0.8 MB of V1 validation, found by their openers.
-    assert 600 < record["splits"]["val"]["stories"] < 1100
+    assert 600 < record.splits.val.stories < 1100
 
 
 def test_source_change_changes_provenance(data_params, shared_dir, tmp_path):
@@ -162,7 +165,7 @@ def test_source_change_changes_provenance(data_params, shared_dir, tmp_path):
     files = sources.download(data_params([{"train": str(tiny / "TinyStories-train-sample.txt"),
                                         "validation": str(tiny / "TinyStories-valid-sample.txt")}],
                                       max_train_stories=5, max_val_stories=5), tmp_path / "b", log=lambda _: None)
-    assert folder["source"] != files["source"]
+    assert folder.source != files.source
     assert (tmp_path / "a/provenance.json").read_bytes() != (tmp_path / "b/provenance.json").read_bytes()
 
 

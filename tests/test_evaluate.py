@@ -2,6 +2,7 @@
 byte, the baselines, and loading a model that belongs to the tokenizer."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,6 +16,8 @@ from tinylm.model import load_trained_model
 from tinylm.files import write_json
 from tinylm.model import GPT, GPTConfig, save_model
 from tinylm.errors import PipelineError
+from tinylm.records.io import write_record
+from tinylm.records.model import ModelSummary
 
 BLOCK = 8
 CONFIG = GPTConfig(vocab_size=37, block_size=BLOCK, n_layer=2, n_head=2, d_model=16)
@@ -109,12 +112,12 @@ def test_non_overlapping_mean_equals_the_model_loss(model):
 def test_summary_formulas():
     nll = np.full(10, math.log(2))  # one bit per token
     result = summarize(nll, num_bytes=20)
-    assert result["loss"] == pytest.approx(math.log(2))
-    assert result["ppl"] == pytest.approx(2.0)
-    assert result["bpb"] == pytest.approx(0.5)  # 10 bits over 20 bytes
+    assert result.loss == pytest.approx(math.log(2))
+    assert result.ppl == pytest.approx(2.0)
+    assert result.bpb == pytest.approx(0.5)  # 10 bits over 20 bytes
     uneven = summarize(np.array([1.0, 2.0, 6.0]), num_bytes=4)
-    assert uneven["ppl"] == pytest.approx(math.exp(3.0))
-    assert uneven["bpb"] == pytest.approx(9.0 / math.log(2) / 4)
+    assert uneven.ppl == pytest.approx(math.exp(3.0))
+    assert uneven.bpb == pytest.approx(9.0 / math.log(2) / 4)
 
 
 def test_unigram_baseline_on_a_known_distribution():
@@ -159,12 +162,23 @@ def test_the_stream_must_spell_the_clean_text(tokenizer, tmp_path):
 
 def test_load_trained_model_checks_the_tokenizer(tokenizer, tmp_path):
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, d_model=8))
+    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
+                           params_without_embeddings=model.num_params(include_embeddings=False), steps=1,
+                           tokens_trained=8, final_train_loss=5.0, final_val_loss=5.5,
+                           tokenizer_fingerprint=tokenizer.fingerprint)
     save_model(model, tmp_path / "model.pt", extra={})
-    write_json(tmp_path / "model.json", {"tokenizer_fingerprint": tokenizer.fingerprint})
+    write_record(tmp_path / "model.json", summary)
     loaded = load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
     assert torch.equal(loaded.wte.weight, model.wte.weight) and not loaded.training
-    write_json(tmp_path / "model.json", {"tokenizer_fingerprint": "0" * 64})
+    write_record(tmp_path / "model.json", dataclasses.replace(summary, tokenizer_fingerprint="0" * 64))
     with pytest.raises(PipelineError, match="trained with tokenizer 0000.*dvc repro pretrain"):
         load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
+    write_json(tmp_path / "model.json", {"tokenizer_fingerprint": tokenizer.fingerprint})
+    with pytest.raises(PipelineError, match="model.json: has no key 'config'.*dvc repro pretrain"):
+        load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
+    write_record(tmp_path / "model.json", summary)
+    (tmp_path / "model.pt").unlink()
     with pytest.raises(PipelineError, match="cannot load the trained model.*dvc repro pretrain"):
+        load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
+    with pytest.raises(PipelineError, match="missing/model.json: missing.*dvc repro pretrain"):
         load_trained_model(tmp_path / "missing", tokenizer.fingerprint, torch.device("cpu"))

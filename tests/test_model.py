@@ -169,3 +169,20 @@ def test_save_and_load_roundtrip(tmp_path):
     torch.testing.assert_close(loaded(idx).logits, model(idx).logits)
     assert loaded.lm_head.weight.data_ptr() == loaded.wte.weight.data_ptr()
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_the_same_weights_give_the_same_file_bytes(tmp_path):
+    # torch.save names its archive folder after the file it writes; the atomic write's temp name is
+    # random, so without care every save differs and DVC sees a new model on every rerun.
+    model, copy = tiny_model(bias=True), tiny_model(bias=True)
+    copy.load_state_dict(model.state_dict())
+    extra = {"tokens": 5, "tokenizer_fingerprint": "f" * 64}
+    save_model(model, tmp_path / "a" / "model.pt", extra=extra)
+    save_model(copy, tmp_path / "b" / "other_name.pt", extra=dict(extra))
+    save_model(model, tmp_path / "a" / "model.pt", extra=extra)  # overwriting: a new temp name
+    first = (tmp_path / "a" / "model.pt").read_bytes()
+    assert first == (tmp_path / "b" / "other_name.pt").read_bytes()
+    with torch.no_grad():
+        copy.wte.weight[0, 0] += 1e-3
+    save_model(copy, tmp_path / "c.pt", extra=extra)
+    assert (tmp_path / "c.pt").read_bytes() != first  # the bytes do follow the weights

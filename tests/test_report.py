@@ -1,7 +1,8 @@
 """The report stage on a small but well-formed set of pipeline outputs.
 
 The outputs are made by the producers' own code where it is cheap (BPE training, save_model, the
-dvclive metric log, evaluate, the sampling sweep) and by hand in the stages' formats otherwise.
+dvclive metric log, evaluate, the sampling sweep) and otherwise built by hand as the stages' typed
+records (tinylm/records/), written as the stages write them: a renamed record field fails here.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from tinylm.config import SampleParams, load_params
 from tinylm.corpus.formats import write_eot_stories
 from tinylm.evaluate import evaluate
 from tinylm.files import write_json
+from tinylm.records.corpus import (CheckedShardSplit, CleanReport, CleanSplit, DownloadedSplit, Provenance,
+                                   ShardSplit, ShardsReport, Splits)
+from tinylm.records.io import plain, write_record, write_records
+from tinylm.records.model import ModelSummary
+from tinylm.records.tokenizer import Compression, ExampleTokens, LearnedCompression, TokenizerReport
 from tinylm.training.metrics_log import MetricLog
 from tinylm.model import GPT, GPTConfig, save_model
 from tinylm.report.sections import REPORT, build_report, escape, write_report
@@ -35,12 +41,12 @@ SECTIONS = ["## Data", "## Tokenizer", "## Model", "## Training", "## Evaluation
 PIPE_SAMPLE = "a cat | a dog\nand *more* <b>"
 ATTENTION_TOKENS = 12
 BATCH_TOKENS = 64
-CLEAN_REPORT = {
-    "train": {"stories_in": 60, "stories_out": 52, "mojibake_repaired": 3,
-              "dropped": {"duplicate": 2, "too_short": 5, "truncated": 1}},
-    "val": {"stories_in": 12, "stories_out": 11, "mojibake_repaired": 0,
-            "dropped": {"duplicate": 0, "too_short": 1, "truncated": 0}},
-}
+CLEAN_REPORT = CleanReport(
+    train=CleanSplit(stories_in=60, stories_out=52, mojibake_repaired=3,
+                     dropped={"duplicate": 2, "too_short": 5, "truncated": 1}),
+    val=CleanSplit(stories_in=12, stories_out=11, mojibake_repaired=0,
+                   dropped={"duplicate": 0, "too_short": 1, "truncated": 0}),
+)
 
 
 def _stories(shared_dir: Path, count: int) -> list[str]:
@@ -53,71 +59,75 @@ def make_pipeline_outputs(root: Path, shared_dir: Path) -> dict:
     stories = _stories(shared_dir, 72)
     write_eot_stories(root / "data/clean/train.txt", stories[:60])
     write_eot_stories(root / "data/clean/val.txt", stories[60:])
-    write_json(root / "data/raw/provenance.json", {
-        "kind": "folder", "source": "../shared/data/tinystories", "revision": None, "source_sha256": {},
-        "splits": {"train": {"stories": 60, "bytes": 1, "sha256": "0"},
-                   "val": {"stories": 12, "bytes": 1, "sha256": "0"}}})
-    write_json(root / "reports/clean.json", CLEAN_REPORT)
+    write_record(root / "data/raw/provenance.json", Provenance(
+        source="../shared/data/tinystories", kind="folder", revision=None, source_sha256={},
+        splits=Splits(train=DownloadedSplit(stories=60, bytes=1, sha256="0"),
+                      val=DownloadedSplit(stories=12, bytes=1, sha256="0"))))
+    write_record(root / "reports/clean.json", CLEAN_REPORT)
 
     vocab, merges = train_bpe(root / "data/clean/train.txt", 300, ["<|endoftext|>"])
     tokenizer = Tokenizer(vocab, merges, ["<|endoftext|>"])
     tokenizer.save(root / "data/tokenizer")
-    write_json(root / "reports/tokenizer.json", {
-        "vocab_size": tokenizer.vocab_size, "num_merges": len(merges), "train_seconds": 0.25, "val_tokens": 999,
-        "val_bytes_per_token": 2.7182, "fingerprint": tokenizer.fingerprint,
-        "hf_bpe": {"vocab_size": 300, "val_bytes_per_token": 2.6, "vocab_overlap": 0.9},
-        "hf_unigram": {"vocab_size": 300, "val_bytes_per_token": 2.5, "vocab_overlap": 0.6},
-        "hf_unigram_metaspace": {"vocab_size": 300, "val_bytes_per_token": 2.4, "vocab_overlap": 0.5},
-        "gpt2": {"vocab_size": 50257, "val_bytes_per_token": 4.1},
-        "vocab_sizes": {"256": {"vocab_size": 257, "val_tokens": 5000, "val_bytes_per_token": 1.0},
-                        "300": {"vocab_size": 300, "val_tokens": 999, "val_bytes_per_token": 2.7182}},
-        "examples": {word: {"ours": [tokenizer.decode([i]) for i in tokenizer.encode(word)], "gpt2": [word]}
-                     for word in ("strawberry", " strawberry")},
-    })
+    write_record(root / "reports/tokenizer.json", TokenizerReport(
+        vocab_size=tokenizer.vocab_size, num_merges=len(merges), train_seconds=0.25, val_tokens=999,
+        val_bytes_per_token=2.7182, fingerprint=tokenizer.fingerprint,
+        hf_bpe=LearnedCompression(vocab_size=300, val_tokens=1040, val_bytes_per_token=2.6, vocab_overlap=0.9),
+        hf_unigram=LearnedCompression(vocab_size=300, val_tokens=1080, val_bytes_per_token=2.5, vocab_overlap=0.6),
+        hf_unigram_metaspace=LearnedCompression(vocab_size=300, val_tokens=1125, val_bytes_per_token=2.4,
+                                                vocab_overlap=0.5),
+        gpt2=Compression(vocab_size=50257, val_tokens=660, val_bytes_per_token=4.1),
+        vocab_sizes={"256": Compression(vocab_size=257, val_tokens=5000, val_bytes_per_token=1.0),
+                     "300": Compression(vocab_size=300, val_tokens=999, val_bytes_per_token=2.7182)},
+        examples={word: ExampleTokens(ours=[tokenizer.decode([i]) for i in tokenizer.encode(word)], gpt2=[word])
+                  for word in ("strawberry", " strawberry")},
+    ))
 
     def encode(split: str) -> np.ndarray:
         text = (root / f"data/clean/{split}.txt").read_text(encoding="utf-8")
         return np.array(tokenizer.encode(text), dtype=np.uint16)
 
     train_tokens, val_tokens = encode("train"), encode("val")
-    write_json(root / "reports/shards.json", {"vocab_size": tokenizer.vocab_size, **{
-        split: {"documents": n, "tokens": len(tokens), "text_bytes": 3 * len(tokens), "bytes_per_token": 3.0,
-                "shards": 1, "seconds": 0.1, "mb_per_s": 1.0}
-        for split, n, tokens in (("train", 52, train_tokens), ("val", 11, val_tokens))}})
+    def shard_split(documents: int, tokens: np.ndarray) -> ShardSplit:
+        return ShardSplit(documents=documents, tokens=len(tokens), text_bytes=3 * len(tokens), bytes_per_token=3.0,
+                          shards=1, seconds=0.1, mb_per_s=1.0)
+
+    write_record(root / "reports/shards.json", ShardsReport(
+        vocab_size=tokenizer.vocab_size, train=shard_split(52, train_tokens),
+        val=CheckedShardSplit(**dataclasses.asdict(shard_split(11, val_tokens)), checked_documents=11)))
 
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=3, d_model=24)
     model = GPT(config).eval()
     steps = 20
-    summary = {"config": dataclasses.asdict(config), "params": model.num_params(),
-               "params_without_embeddings": model.num_params(include_embeddings=False), "steps": steps,
-               "tokens_trained": steps * BATCH_TOKENS, "final_train_loss": 4.5, "final_val_loss": 4.75,
-               "tokenizer_fingerprint": tokenizer.fingerprint}
-    save_model(model, root / "data/model/model.pt", extra=summary)
-    write_json(root / "data/model/model.json", summary)
+    summary = ModelSummary(config=dataclasses.asdict(config), params=model.num_params(),
+                           params_without_embeddings=model.num_params(include_embeddings=False), steps=steps,
+                           tokens_trained=steps * BATCH_TOKENS, final_train_loss=4.5, final_val_loss=4.75,
+                           tokenizer_fingerprint=tokenizer.fingerprint)
+    save_model(model, root / "data/model/model.pt", extra=plain(summary))
+    write_record(root / "data/model/model.json", summary)
 
     log = MetricLog(root / "reports/train", [], enabled=True)
-    log.summary(batch_tokens=BATCH_TOKENS, params=summary["params"],
-                params_without_embeddings=summary["params_without_embeddings"])
+    log.summary(batch_tokens=BATCH_TOKENS, params=summary.params,
+                params_without_embeddings=summary.params_without_embeddings)
     for step in range(steps):
         if step % 10 == 0:
             log.write(step, val_loss=6.0 - step / 10)
         if step % 2 == 0:
             log.write(step, train_loss=6.0 - step / 8, lr=1e-3, grad_norm=2.0 / (step + 1), tokens=(step + 1) * 64,
                       tokens_per_s=1000.0 + step, mfu=0.01, elapsed_s=float(step))
-    log.write(steps, val_loss=summary["final_val_loss"])
+    log.write(steps, val_loss=summary.final_val_loss)
     log.finish()
 
     report = evaluate(model, val_tokens[:200], [train_tokens], tokenizer, stride=16, batch_size=4, init_seed=0)
-    write_json(root / "reports/eval.json", report)
+    write_record(root / "reports/eval.json", report)
 
     sample = SampleParams(prompts=["Once upon a time"], num_samples=2, max_new_tokens=6, seed=0,
                           temperatures=[1.0], top_k=[5], top_p=[0.9], min_p=0.1, beam_width=2, length_penalty=1.0,
                           contrastive_k=2, contrastive_alpha=0.5)
     records, metrics = run_sweep(model, tokenizer, sample)
-    records[0]["completion"] = PIPE_SAMPLE
-    (root / "reports/samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    write_json(root / "reports/sampling.json", metrics)
+    records[0] = dataclasses.replace(records[0], completion=PIPE_SAMPLE)
+    write_records(root / "reports/samples.jsonl", records)
+    write_record(root / "reports/sampling.json", metrics)
     return {"eval": report, "sampling": metrics, "summary": summary, "records": records, "config": config}
 
 
@@ -175,18 +185,18 @@ def test_tables_hold_the_numbers_of_the_inputs(written, pipeline):
     _, text = written
     _, made = pipeline
     ev, summary = made["eval"], made["summary"]
-    assert f"**{ev['val_ppl']:,.2f}**" in text
-    assert f"| {ev['val_loss']:,.4f} | {ev['val_ppl']:,.2f} | {ev['val_bpb']:,.4f} |" in text
-    unigram = ev["baselines"]["unigram"]
-    assert f"| {unigram['loss']:,.4f} | {unigram['ppl']:,.2f} | {unigram['bpb']:,.4f} |" in text
+    assert f"**{ev.val_ppl:,.2f}**" in text
+    assert f"| {ev.val_loss:,.4f} | {ev.val_ppl:,.2f} | {ev.val_bpb:,.4f} |" in text
+    unigram = ev.baselines.unigram
+    assert f"| {unigram.loss:,.4f} | {unigram.ppl:,.2f} | {unigram.bpb:,.4f} |" in text
     assert "| too_short | 5 | 1 |" in text and "| **total dropped** | 8 | 1 |" in text
     assert "| train | 60 | 52 | 3 |" in text
-    assert f"| {summary['params']:,} |" in text and f"| {summary['params_without_embeddings']:,} |" in text
-    assert f"| training tokens | {summary['tokens_trained']:,} |" in text
-    assert f"| tokens per parameter | {summary['tokens_trained'] / summary['params']:,.2f} |" in text
+    assert f"| {summary.params:,} |" in text and f"| {summary.params_without_embeddings:,} |" in text
+    assert f"| training tokens | {summary.tokens_trained:,} |" in text
+    assert f"| tokens per parameter | {summary.tokens_trained / summary.params:,.2f} |" in text
     assert "| ours (BPE) | 300 | 2.718 |" in text and "| GPT-2 (tiktoken) | 50,257 | 4.100 |" in text
     for name, metrics in made["sampling"].items():
-        assert f"| `{name}` | {metrics['distinct_1']:,.3f} | {metrics['distinct_2']:,.3f} |" in text
+        assert f"| `{name}` | {metrics.distinct_1:,.3f} | {metrics.distinct_2:,.3f} |" in text
     assert "strawberry" in text and "3 r's" in text
 
 
@@ -198,10 +208,10 @@ def test_sample_text_is_escaped_and_trimmed_inside_its_table_cell(written, pipel
     cells = re.split(r"(?<!\\)\|", row)
     assert len(cells) == 5  # 3 cells between 4 unescaped pipes
     assert "<br>and \\*more\\* \\<b\\>" in row
-    long_ones = [r for r in made["records"] if len(r["completion"]) > 40]
+    long_ones = [r for r in made["records"] if len(r.completion) > 40]
     for record in long_ones:
-        assert escape(record["completion"][:40].rstrip()) + "…" in text
-    assert made["records"][0]["prompt"] in text
+        assert escape(record.completion[:40].rstrip()) + "…" in text
+    assert made["records"][0].prompt in text
 
 
 def test_the_markdown_renders_as_tables_and_images(written):

@@ -2,8 +2,8 @@
 holding tiny artifacts made with the real APIs (tokenizer, shards, a saved model)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import math
 import os
 import shutil
@@ -18,10 +18,13 @@ import yaml
 from tinylm.tokenizer.bpe import Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
-from tinylm.files import write_json
 from tinylm.model import GPT, GPTConfig, load_model, save_model
 from tinylm.generation.sampling import Greedy, generate
 from tinylm.corpus.shards import write_split
+from tinylm.records.evaluation import EvalReport
+from tinylm.records.io import plain, read_record, read_records, write_record
+from tinylm.records.model import ModelSummary
+from tinylm.records.sampling import GeneratedSample, SamplingReport
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +54,12 @@ def workdir(tmp_path_factory, repo_root, shared_dir) -> Path:
     # The seeded init, untrained: its perplexity must equal the untrained baseline's exactly.
     torch.manual_seed(params["train"]["seed"])
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, d_model=16))
-    save_model(model, root / "data/model/model.pt", extra={})
-    write_json(root / "data/model/model.json", {"tokenizer_fingerprint": tokenizer.fingerprint})
+    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
+                           params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
+                           tokens_trained=0, final_train_loss=math.log(tokenizer.vocab_size),
+                           final_val_loss=math.log(tokenizer.vocab_size), tokenizer_fingerprint=tokenizer.fingerprint)
+    save_model(model, root / "data/model/model.pt", extra=plain(summary))
+    write_record(root / "data/model/model.json", summary)
     return root
 
 
@@ -66,25 +73,25 @@ def run_stage(repo_root: Path, workdir: Path, name: str) -> subprocess.Completed
 def test_evaluate_ppl_stage(repo_root, workdir):
     result = run_stage(repo_root, workdir, "evaluate_ppl")
     assert result.returncode == 0, result.stderr
-    report = json.loads((workdir / "reports/eval.json").read_text())
+    report = read_record(workdir / "reports/eval.json", EvalReport, "evaluate_ppl")
     stories = list(iter_eot_stories(workdir / "data/clean/val.txt"))
     tokenizer = load_tokenizer(workdir / "data/tokenizer")
     first_token = tokenizer.encode(stories[0])[0]
     num_tokens = sum(len(tokenizer.encode(s)) + 1 for s in stories)
-    assert report["tokens_evaluated"] == num_tokens - 1
-    assert report["bytes_evaluated"] == (sum(len(s.encode()) for s in stories) + len(stories)
-                                         - len(tokenizer.vocab[first_token]))
-    assert report["val_bpb"] == pytest.approx(
-        report["val_loss"] * report["tokens_evaluated"] / math.log(2) / report["bytes_evaluated"])
-    assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]))
-    baselines = report["baselines"]
+    assert report.tokens_evaluated == num_tokens - 1
+    assert report.bytes_evaluated == (sum(len(s.encode()) for s in stories) + len(stories)
+                                      - len(tokenizer.vocab[first_token]))
+    assert report.val_bpb == pytest.approx(
+        report.val_loss * report.tokens_evaluated / math.log(2) / report.bytes_evaluated)
+    assert report.val_ppl == pytest.approx(math.exp(report.val_loss))
+    baselines = report.baselines
     # The saved model is the seeded init itself, so it scores exactly as the untrained baseline.
-    assert report["val_ppl"] == pytest.approx(baselines["untrained"]["ppl"], rel=1e-9)
+    assert report.val_ppl == pytest.approx(baselines.untrained.ppl, rel=1e-9)
     vocab = tokenizer.vocab_size
-    assert baselines["uniform"]["ppl"] == pytest.approx(vocab)
-    assert 0.8 * vocab < baselines["untrained"]["ppl"] < 1.25 * vocab
-    assert baselines["unigram"]["ppl"] < 0.8 * vocab  # token frequencies alone beat uniform guessing
-    assert f"ppl {report['val_ppl']:.2f}" in result.stdout
+    assert baselines.uniform.ppl == pytest.approx(vocab)
+    assert 0.8 * vocab < baselines.untrained.ppl < 1.25 * vocab
+    assert baselines.unigram.ppl < 0.8 * vocab  # token frequencies alone beat uniform guessing
+    assert f"ppl {report.val_ppl:.2f}" in result.stdout
 
 
 def test_evaluate_ppl_stage_rejects_shards_of_another_text(repo_root, workdir, tmp_path):
@@ -101,24 +108,24 @@ def test_sample_sweep_stage(repo_root, workdir):
     result = run_stage(repo_root, workdir, "sample_sweep")
     assert result.returncode == 0, result.stderr
     samples_path = workdir / "reports/samples.jsonl"
-    records = [json.loads(line) for line in samples_path.read_text().splitlines()]
-    metrics = json.loads((workdir / "reports/sampling.json").read_text())
-    assert {r["config"] for r in records} == set(metrics)
+    records = read_records(samples_path, GeneratedSample, "sample_sweep")
+    metrics = read_record(workdir / "reports/sampling.json", SamplingReport, "sample_sweep")
+    assert {r.config for r in records} == set(metrics)
     assert len(metrics) == 8  # greedy, 2 temperatures, top-k, top-p, min-p, beam, contrastive
     deterministic = {"greedy", "beam_4", "contrastive_k4_a0p6"}
     for name, m in metrics.items():
-        mine = [r for r in records if r["config"] == name]
-        assert m["num_samples"] == len(mine) == (2 if name in deterministic else 4)  # per prompt: 1 or num_samples
-        assert sorted({r["prompt"] for r in mine}) == ["Once upon a time", "The dog"]
-        assert [r["seed"] for r in mine] == ([None, None] if name in deterministic else [0, 1, 0, 1])
-        assert all(r["num_tokens"] <= 12 for r in mine)
-        assert 0 <= m["distinct_1"] <= 1 and 0 <= m["repetition_4"] <= 1 and m["self_ppl"] >= 1
+        mine = [r for r in records if r.config == name]
+        assert m.num_samples == len(mine) == (2 if name in deterministic else 4)  # per prompt: 1 or num_samples
+        assert sorted({r.prompt for r in mine}) == ["Once upon a time", "The dog"]
+        assert [r.seed for r in mine] == ([None, None] if name in deterministic else [0, 1, 0, 1])
+        assert all(r.num_tokens <= 12 for r in mine)
+        assert 0 <= m.distinct_1 <= 1 and 0 <= m.repetition_4 <= 1 and m.self_ppl >= 1
     # A story starts after <|endoftext|>, as in training: the greedy record is that continuation.
     tokenizer = load_tokenizer(workdir / "data/tokenizer")
     model = load_model(workdir / "data/model/model.pt")
-    greedy = next(r for r in records if r["config"] == "greedy" and r["prompt"] == "The dog")
+    greedy = next(r for r in records if r.config == "greedy" and r.prompt == "The dog")
     expected = generate(model, [tokenizer.eot_id, *tokenizer.encode("The dog")], Greedy(), 12, tokenizer.eot_id)[0]
-    assert greedy["completion"] == tokenizer.decode(expected.tokens)
+    assert greedy.completion == tokenizer.decode(expected.tokens)
     # Seeded: a second run writes the same samples.
     first = samples_path.read_bytes()
     assert run_stage(repo_root, workdir, "sample_sweep").returncode == 0

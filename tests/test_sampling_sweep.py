@@ -72,10 +72,10 @@ def test_summary_weights_tokens_and_samples():
                          sampling_entropies=[0.5, 0.5, 0.5])
     running = Generation([7], False, logprobs=[-2.0], entropies=[2.0], sampling_entropies=[0.5])
     metrics = summarize([stopped, running], ["one two", "three"])
-    assert metrics["self_ppl"] == pytest.approx(math.exp(8.0 / 4))  # per produced token, EOT included
-    assert metrics["entropy"] == pytest.approx(8.0 / 4)
-    assert metrics["sampling_entropy"] == pytest.approx(0.5)
-    assert metrics["mean_length"] == pytest.approx(1.5)
-    assert metrics["eot_rate"] == pytest.approx(0.5)
-    assert metrics["num_samples"] == 2
-    assert metrics["distinct_1"] == 1.0
+    assert metrics.self_ppl == pytest.approx(math.exp(8.0 / 4))  # per produced token, EOT included
+    assert metrics.entropy == pytest.approx(8.0 / 4)
+    assert metrics.sampling_entropy == pytest.approx(0.5)
+    assert metrics.mean_length == pytest.approx(1.5)
+    assert metrics.eot_rate == pytest.approx(0.5)
+    assert metrics.num_samples == 2
+    assert metrics.distinct_1 == 1.0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
 from tinylm.corpus.shards import ShardError, load_split, shard_path
+from tinylm.records.corpus import ShardsReport
+from tinylm.records.io import read_record
 
 SHARD_TOKENS = 4096
 
@@ -51,24 +52,23 @@ def test_stage_writes_shards_equal_to_the_from_scratch_encoder(workdir: Path, re
     assert "encode train" in done.stderr  # progress bar
 
     tokenizer = load_tokenizer(workdir / "data/tokenizer")
-    report = json.loads((workdir / "reports/shards.json").read_text())
-    assert report["vocab_size"] == tokenizer.vocab_size
-    for split, count in (("train", 300), ("val", 100)):
+    report = read_record(workdir / "reports/shards.json", ShardsReport, "encode_shards")
+    assert report.vocab_size == tokenizer.vocab_size
+    for split, count, stats in (("train", 300, report.train), ("val", 100, report.val)):
         documents = list(iter_eot_stories(workdir / f"data/clean/{split}.txt"))
         shards = load_split(workdir / "data/shards", split, tokenizer.fingerprint)
         expected = [i for doc in documents for i in [*tokenizer.encode(doc), tokenizer.eot_id]]
         np.testing.assert_array_equal(np.concatenate(shards), expected)
         assert all(s.size == SHARD_TOKENS for s in shards[:-1])
-        stats = report[split]
         text_bytes = sum(len(doc.encode()) for doc in documents)
-        assert (stats["documents"], stats["tokens"], stats["text_bytes"]) == (count, len(expected), text_bytes)
-        assert stats["shards"] == len(shards) == math.ceil(len(expected) / SHARD_TOKENS)
-        assert stats["bytes_per_token"] == pytest.approx(text_bytes / (len(expected) - count), abs=1e-4)
-    assert report["train"]["shards"] > 1
-    assert report["val"]["checked_documents"] == 100
+        assert (stats.documents, stats.tokens, stats.text_bytes) == (count, len(expected), text_bytes)
+        assert stats.shards == len(shards) == math.ceil(len(expected) / SHARD_TOKENS)
+        assert stats.bytes_per_token == pytest.approx(text_bytes / (len(expected) - count), abs=1e-4)
+    assert report.train.shards > 1
+    assert report.val.checked_documents == 100
     assert sorted(p.name for p in (workdir / "data/shards").iterdir()) == (
-        [f"train_{i:04d}.bin" for i in range(report["train"]["shards"])]
-        + [f"val_{i:04d}.bin" for i in range(report["val"]["shards"])])
+        [f"train_{i:04d}.bin" for i in range(report.train.shards)]
+        + [f"val_{i:04d}.bin" for i in range(report.val.shards)])
 
     other = hashlib.sha256(b"a retrained tokenizer").hexdigest()
     with pytest.raises(ShardError, match="rerun `dvc repro encode_shards`"):

@@ -11,8 +11,9 @@ import torch
 from tinylm.training.batches import TokenWindows, TrainBatches, validation_batches
 from tinylm.model import GPT
 from tinylm.errors import PipelineError
+from tinylm.training.progress import flops_per_token
 from tinylm.training.runtime import resolve_device, resolve_precision
-from tinylm.training.trainer import flops_per_token, lr_at, make_optimizer
+from tinylm.training.trainer import lr_at, make_optimizer
 from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
 

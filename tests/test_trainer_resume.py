@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tinylm.training.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from tinylm.training.checkpoint import Position, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from tinylm.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
@@ -74,6 +74,25 @@ def test_signal_saves_and_rerun_continues_identically(tmp_path, monkeypatch, ref
     print(f"largest resume difference: {largest:.3g}")
     for p, q in zip(reference_result.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_captured_state_restored_into_a_fresh_trainer_takes_the_same_next_step(tmp_path):
+    trainer = make_trainer(tmp_path / "first", RESUME_PARAMS, dropout_config())
+    for _ in range(3):
+        trainer.train_step()
+    position = Position(trainer.step, trainer.tokens, 12.5, [{"step": 0, "val_loss": 4.0}])
+    # Through the file, as a resume goes: the captured tensors are the live ones, which the next step changes.
+    save_checkpoint(tmp_path / "saved.pt", trainer.checkpoint.capture(position))
+    expected = trainer.train_step()
+
+    fresh = make_trainer(tmp_path / "fresh", RESUME_PARAMS, dropout_config())
+    state = load_checkpoint(tmp_path / "saved.pt", fresh.checkpoint.inputs)  # same run, same fingerprint
+    assert fresh.checkpoint.restore(state) == position
+    fresh.step, fresh.tokens = position.step, position.tokens
+    got = fresh.train_step()
+    assert (got.loss, got.grad_norm, got.lr) == (expected.loss, expected.grad_norm, expected.lr)  # bitwise
+    for (name, p), q in zip(trainer.model.named_parameters(), fresh.model.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_crash_resumes_from_last_periodic_checkpoint_without_duplicate_rows(tmp_path, monkeypatch, reference):

@@ -34,6 +34,12 @@ def _require(ok: bool, key: str, message: str) -> None:
         _fail(key, message)
 
 
+def _at_least(section: Any, key: str, **minimums: float) -> None:
+    """Each named field of the section must be >= its minimum (the most common range rule)."""
+    for name, minimum in minimums.items():
+        _require(getattr(section, name) >= minimum, f"{key}.{name}", f"must be >= {minimum:g}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections. Each `check()` holds the range rules that types alone cannot say.
 
@@ -52,6 +58,8 @@ class SplitFiles:
 
 @dataclass(frozen=True)
 class DataParams:
+    """download: where the stories come from, and how many."""
+
     # Ordered: the first usable source wins (the hub when reachable, else the offline copy).
     sources: list[str | SplitFiles]
     max_train_stories: int
@@ -62,8 +70,7 @@ class DataParams:
 
     def check(self, key: str) -> None:
         _require(len(self.sources) > 0, f"{key}.sources", "list at least one source")
-        _require(self.max_train_stories >= 1, f"{key}.max_train_stories", "must be >= 1")
-        _require(self.max_val_stories >= 1, f"{key}.max_val_stories", "must be >= 1")
+        _at_least(self, key, max_train_stories=1, max_val_stories=1)
         _require(0 < self.hub_timeout_s <= 30, f"{key}.hub_timeout_s", "must be in (0, 30] seconds")
         for i, source in enumerate(self.sources):
             if isinstance(source, SplitFiles):
@@ -78,19 +85,23 @@ class DataParams:
 
 @dataclass(frozen=True)
 class CleanParams:
+    """clean: which stories are kept, and how their text is normalised."""
+
     min_chars: int
     max_chars: int
     ascii_punctuation: bool
     max_nontext_fraction: float
 
     def check(self, key: str) -> None:
-        _require(self.min_chars >= 1, f"{key}.min_chars", "must be >= 1")
+        _at_least(self, key, min_chars=1)
         _require(self.max_chars > self.min_chars, f"{key}.max_chars", "must be > clean.min_chars")
         _require(0 < self.max_nontext_fraction <= 1, f"{key}.max_nontext_fraction", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
 class TokenizerParams:
+    """train_bpe (and clean, for the special tokens): the tokenizer and the ones it is compared with."""
+
     vocab_size: int
     special_tokens: list[str]
     compare_vocab_sizes: list[int]
@@ -108,21 +119,24 @@ class TokenizerParams:
         for i, size in enumerate(self.compare_vocab_sizes):
             # 256 means the bare byte-level baseline (no merges; special tokens come on top).
             _require(256 <= size <= 65535, f"{key}.compare_vocab_sizes[{i}]", "must be in [256, 65535]")
-        _require(self.workers >= 1, f"{key}.workers", "must be >= 1")
+        _at_least(self, key, workers=1)
 
 
 @dataclass(frozen=True)
 class ShardParams:
+    """encode_shards: how the token stream is cut into files."""
+
     shard_tokens: int
     workers: int
 
     def check(self, key: str) -> None:
-        _require(self.shard_tokens >= 1024, f"{key}.shard_tokens", "must be >= 1024 tokens")
-        _require(self.workers >= 1, f"{key}.workers", "must be >= 1")
+        _at_least(self, key, shard_tokens=1024, workers=1)
 
 
 @dataclass(frozen=True)
 class ModelParams:
+    """pretrain: the model's shape."""
+
     n_layer: int
     n_head: int
     d_model: int
@@ -131,17 +145,17 @@ class ModelParams:
     bias: bool
 
     def check(self, key: str) -> None:
-        _require(self.n_layer >= 1, f"{key}.n_layer", "must be >= 1")
-        _require(self.n_head >= 1, f"{key}.n_head", "must be >= 1")
-        _require(self.d_model >= 1, f"{key}.d_model", "must be >= 1")
+        _at_least(self, key, n_layer=1, n_head=1, d_model=1)
         _require(self.d_model % self.n_head == 0, f"{key}.d_model",
                  f"must be divisible by model.n_head ({self.d_model} % {self.n_head} != 0)")
-        _require(self.block_size >= 2, f"{key}.block_size", "must be >= 2")
+        _at_least(self, key, block_size=2)
         _require(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class TrainParams:
+    """pretrain: the optimisation, its precision and where it runs."""
+
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["auto", "fp32", "bf16", "fp16"]
@@ -164,13 +178,12 @@ class TrainParams:
     peak_flops: float
 
     def check(self, key: str) -> None:
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval",
-                     "eval_batches", "log_interval", "checkpoint_interval"):
-            _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _at_least(self, key, micro_batch_size=1, grad_accum_steps=1, max_steps=1, eval_interval=1, eval_batches=1,
+                  log_interval=1, checkpoint_interval=1)
         _require(self.lr > 0, f"{key}.lr", "must be > 0")
         _require(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, train.lr]")
         _require(0 <= self.warmup_steps < self.max_steps, f"{key}.warmup_steps", "must be in [0, train.max_steps)")
-        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _at_least(self, key, weight_decay=0)
         _require(0 <= self.beta1 < 1, f"{key}.beta1", "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, f"{key}.beta2", "must be in [0, 1)")
         _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
@@ -179,16 +192,20 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvalParams:
+    """evaluate_ppl: the windows that score the validation tokens."""
+
     batch_size: int
     stride: int
 
     def check(self, key: str) -> None:
-        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _at_least(self, key, batch_size=1)
         _require(self.stride >= 1, f"{key}.stride", "must be >= 1 (and <= model.block_size)")
 
 
 @dataclass(frozen=True)
 class SampleParams:
+    """sample_sweep: the prompts and every decoding strategy's knobs."""
+
     prompts: list[str]
     num_samples: int
     max_new_tokens: int
@@ -204,8 +221,7 @@ class SampleParams:
 
     def check(self, key: str) -> None:
         _require(len(self.prompts) >= 1, f"{key}.prompts", "list at least one prompt")
-        _require(self.num_samples >= 1, f"{key}.num_samples", "must be >= 1")
-        _require(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+        _at_least(self, key, num_samples=1, max_new_tokens=1)
         for i, t in enumerate(self.temperatures):
             _require(t > 0, f"{key}.temperatures[{i}]", "must be > 0 (use greedy for temperature 0)")
         for i, k in enumerate(self.top_k):
@@ -213,24 +229,25 @@ class SampleParams:
         for i, p in enumerate(self.top_p):
             _require(0 < p <= 1, f"{key}.top_p[{i}]", "must be in (0, 1]")
         _require(0 < self.min_p <= 1, f"{key}.min_p", "must be in (0, 1]")
-        _require(self.beam_width >= 1, f"{key}.beam_width", "must be >= 1")
-        _require(self.length_penalty >= 0, f"{key}.length_penalty", "must be >= 0")
-        _require(self.contrastive_k >= 1, f"{key}.contrastive_k", "must be >= 1")
+        _at_least(self, key, beam_width=1, length_penalty=0, contrastive_k=1)
         _require(0 <= self.contrastive_alpha <= 1, f"{key}.contrastive_alpha", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class ReportParams:
+    """report: how much of each sample and story it shows."""
+
     sample_chars: int
     attention_tokens: int
 
     def check(self, key: str) -> None:
-        _require(self.sample_chars >= 20, f"{key}.sample_chars", "must be >= 20")
-        _require(self.attention_tokens >= 2, f"{key}.attention_tokens", "must be >= 2")
+        _at_least(self, key, sample_chars=20, attention_tokens=2)
 
 
 @dataclass(frozen=True)
 class Params:
+    """The whole of params.yaml, one section per stage."""
+
     data: DataParams
     clean: CleanParams
     tokenizer: TokenizerParams
@@ -332,9 +349,3 @@ def to_dict(section: Any) -> dict[str, Any]:
     """A section as plain data (for fingerprints and reports)."""
     return dataclasses.asdict(section)
 
-
-__all__ = [
-    "CleanParams", "DataParams", "EvalParams", "ModelParams", "ParamError", "Params", "ReportParams",
-    "SampleParams", "ShardParams", "SplitFiles", "TokenizerParams", "TrainParams", "load_params",
-    "parse_params", "to_dict",
-]

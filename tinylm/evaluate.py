@@ -28,6 +28,7 @@ from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.corpus.formats import iter_eot_stories
 from tinylm.model import GPT, GPTConfig
 from tinylm.errors import PipelineError
+from tinylm.records.evaluation import Baselines, EvalReport, Score
 
 COUNT_CHUNK = 1 << 24  # tokens per bincount call
 
@@ -120,11 +121,11 @@ def check_spells_text(tokens: np.ndarray, tokenizer: Tokenizer, text_path: str |
     return spelled
 
 
-def summarize(nll: np.ndarray, num_bytes: int) -> dict[str, float]:
+def summarize(nll: np.ndarray, num_bytes: int) -> Score:
     """Mean NLL (nats/token), perplexity, and bits per byte of the scored targets."""
     total = float(nll.sum())
     loss = total / len(nll)
-    return {"loss": loss, "ppl": math.exp(loss), "bpb": total / math.log(2) / num_bytes}
+    return Score(loss=loss, ppl=math.exp(loss), bpb=total / math.log(2) / num_bytes)
 
 
 def untrained_model(config: GPTConfig, seed: int, device: torch.device) -> GPT:
@@ -137,7 +138,7 @@ def untrained_model(config: GPTConfig, seed: int, device: torch.device) -> GPT:
 
 
 def evaluate(model: GPT, val_tokens: np.ndarray, train_tokens: Sequence[np.ndarray], tokenizer: Tokenizer,
-             stride: int, batch_size: int, init_seed: int) -> dict:
+             stride: int, batch_size: int, init_seed: int) -> EvalReport:
     """The eval report: the model's val loss/ppl/bpb at the top level, the baselines beside them."""
     val_tokens = np.asarray(val_tokens)
     targets = val_tokens[1:]
@@ -148,13 +149,13 @@ def evaluate(model: GPT, val_tokens: np.ndarray, train_tokens: Sequence[np.ndarr
     baseline = summarize(token_nll(untrained, val_tokens, stride, batch_size, desc="untrained model"), num_bytes)
     unigram = summarize(unigram_nll(train_tokens, model.config.vocab_size, targets), num_bytes)
     uniform = summarize(np.full(len(targets), math.log(model.config.vocab_size)), num_bytes)
-    return {
-        "val_loss": trained["loss"],
-        "val_ppl": trained["ppl"],
-        "val_bpb": trained["bpb"],
-        "tokens_evaluated": len(targets),
-        "bytes_evaluated": num_bytes,
-        "block_size": model.config.block_size,
-        "stride": stride,
-        "baselines": {"untrained": baseline, "unigram": unigram, "uniform": uniform},
-    }
+    return EvalReport(
+        val_loss=trained.loss,
+        val_ppl=trained.ppl,
+        val_bpb=trained.bpb,
+        tokens_evaluated=len(targets),
+        bytes_evaluated=num_bytes,
+        block_size=model.config.block_size,
+        stride=stride,
+        baselines=Baselines(untrained=baseline, unigram=unigram, uniform=uniform),
+    )

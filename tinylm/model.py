@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from tinylm.config import ModelParams
 from tinylm.errors import PipelineError
 from tinylm.files import write_bytes
+from tinylm.records.io import read_record
+from tinylm.records.model import ModelSummary
 
 
 @dataclass(frozen=True)
@@ -244,13 +245,13 @@ def load_trained_model(model_dir: str | Path, tokenizer_fingerprint: str, device
     """model.pt from the pretrain stage, once model.json shows it was trained on this tokenizer's ids."""
     model_dir = Path(model_dir)
     fix = "Fix: run `dvc repro pretrain`"
+    summary = read_record(model_dir / "model.json", ModelSummary, "pretrain")
     try:
-        meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
         model = load_model(model_dir / "model.pt", map_location=device)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{model_dir}: cannot load the trained model ({exc}). {fix}.") from None
-    trained_with = meta.get("tokenizer_fingerprint")
-    if trained_with != tokenizer_fingerprint:
-        raise PipelineError(f"{model_dir}: trained with tokenizer {str(trained_with)[:16]}…, but data/tokenizer is "
-                            f"{tokenizer_fingerprint[:16]}…: its ids would mean other tokens. {fix}.")
+    if summary.tokenizer_fingerprint != tokenizer_fingerprint:
+        raise PipelineError(f"{model_dir}: trained with tokenizer {summary.tokenizer_fingerprint[:16]}…, but "
+                            f"data/tokenizer is {tokenizer_fingerprint[:16]}…: its ids would mean other tokens. "
+                            f"{fix}.")
     return model

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import ftfy
 
 from tinylm.config import CleanParams
+from tinylm.records.corpus import CleanSplit
 
 DROP_REASONS = ("empty", "special_token", "nontext", "too_short", "too_long", "truncated",
                 "duplicate", "val_overlap")
@@ -48,15 +49,18 @@ _COMMON_PUNCTUATION = set(""".,;:!?'"()[]-–—…‘’“”*&%$#@/\\+=_~`^<>
 
 @dataclass
 class SplitReport:
+    """The counts of one split, updated story by story by `clean_split`; `record()` freezes them."""
+
     stories_in: int = 0
     stories_out: int = 0
     mojibake_repaired: int = 0
     dropped: Counter = field(default_factory=Counter)
 
-    def as_dict(self) -> dict:
-        return {"stories_in": self.stories_in, "stories_out": self.stories_out,
-                "mojibake_repaired": self.mojibake_repaired,
-                "dropped": {reason: self.dropped[reason] for reason in DROP_REASONS}}
+    def record(self) -> CleanSplit:
+        """The split's part of reports/clean.json; every reason is listed, a zero included."""
+        return CleanSplit(stories_in=self.stories_in, stories_out=self.stories_out,
+                          mojibake_repaired=self.mojibake_repaired,
+                          dropped={reason: self.dropped[reason] for reason in DROP_REASONS})
 
 
 def repair_mojibake(text: str) -> tuple[str, bool]:

@@ -26,7 +26,9 @@ from typing import Iterator
 from tinylm.config import DataParams, SplitFiles
 from tinylm.corpus.formats import iter_file_stories
 from tinylm.errors import PipelineError
-from tinylm.files import atomic_open, sha256_file, write_json
+from tinylm.files import atomic_open, sha256_file
+from tinylm.records.corpus import DownloadedSplit, Provenance, Splits
+from tinylm.records.io import write_record
 
 # Our split names, and the split names of the hub's layout.
 HUB_SPLITS = {"train": "train", "val": "validation"}
@@ -36,9 +38,29 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass(frozen=True)
 class Source:
     kind: str  # "hub", "folder" or "files"
-    label: str  # as written in params (recorded in provenance)
-    files: SplitFiles | None = None
+    label: str  # as written in params (recorded in provenance, so the same wherever the stage runs)
+    files: SplitFiles | None = None  # "files": resolved paths of both splits
+    folder: Path | None = None  # "folder": its resolved path
     revision: str | None = None  # the hub's commit sha, read it at that revision
+
+
+def workspace_root(cwd: Path | None = None) -> Path:
+    """The folder that relative local sources in params.yaml are written against: the repository.
+
+    Stages run in the repository root, except that `dvc exp run --temp` and queued experiments
+    run them in a copy at `<repository>/.dvc/tmp/exps/[celery/]tmpXXXX`, where `../shared` would
+    point inside `.dvc`. From such a copy, the repository that holds it is the root.
+    """
+    here = (cwd or Path.cwd()).resolve()
+    for folder in here.parents:
+        if folder.name == "exps" and folder.parent.name == "tmp" and folder.parent.parent.name == ".dvc":
+            return folder.parent.parent.parent
+    return here
+
+
+def local_path(path: str, root: Path) -> Path:
+    expanded = Path(path).expanduser()
+    return expanded if expanded.is_absolute() else root / expanded
 
 
 def hub_endpoint() -> str:
@@ -62,26 +84,31 @@ def probe_hub(name: str, timeout_s: float) -> tuple[str | None, str | None]:
     return info.get("sha"), None
 
 
-def resolve_source(params: DataParams) -> tuple[Source, list[str]]:
-    """The first usable source, and one line per source skipped before it (why)."""
+def resolve_source(params: DataParams, root: Path | None = None) -> tuple[Source, list[str]]:
+    """The first usable source, and one line per source skipped before it (why).
+
+    Relative local paths resolve against `root` (default: `workspace_root()`)."""
+    root = root or workspace_root()
     skipped: list[str] = []
     for index, entry in enumerate(params.sources):
         key = f"data.sources[{index}]"
         if isinstance(entry, SplitFiles):
-            missing = [p for p in (entry.train, entry.validation) if not Path(p).is_file()]
+            files = SplitFiles(str(local_path(entry.train, root)), str(local_path(entry.validation, root)))
+            missing = [p for p in (files.train, files.validation) if not Path(p).is_file()]
             if missing:
                 skipped.append(f"{key}: file not found: {', '.join(missing)}")
                 continue
-            return Source("files", f"train={entry.train} validation={entry.validation}", entry), skipped
-        if Path(entry).is_dir():
-            return Source("folder", entry), skipped
+            return Source("files", f"train={entry.train} validation={entry.validation}", files=files), skipped
+        if local_path(entry, root).is_dir():
+            return Source("folder", entry, folder=local_path(entry, root)), skipped
         if _HUB_ID.match(entry) and not entry.startswith("."):
             revision, reason = probe_hub(entry, params.hub_timeout_s)
             if reason is None:
                 return Source("hub", entry, revision=revision), skipped
             skipped.append(f"{key}: hub dataset {entry} unreachable: {reason}")
             continue
-        skipped.append(f"{key}: {entry} is neither an existing folder nor a hub dataset id")
+        skipped.append(f"{key}: {entry} is neither an existing folder (relative paths start at {root}) "
+                       "nor a hub dataset id")
     raise PipelineError(
         "no usable data source in params.yaml data.sources:\n  " + "\n  ".join(skipped)
         + "\nFix: add a reachable source to data.sources, e.g. the offline copy ../shared/data/tinystories"
@@ -97,7 +124,8 @@ def iter_stories(source: Source, split: str, params: DataParams) -> Iterator[str
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.label, split=HUB_SPLITS[split], streaming=True, revision=source.revision)
+        dataset = datasets.load_dataset(str(source.folder or source.label), split=HUB_SPLITS[split], streaming=True,
+                                        revision=source.revision)
     except Exception as exc:
         raise PipelineError(f"data.sources: cannot load {source.label} split {HUB_SPLITS[split]}: {exc}") from exc
     if "text" not in (dataset.column_names or ["text"]):
@@ -105,7 +133,7 @@ def iter_stories(source: Source, split: str, params: DataParams) -> Iterator[str
     return (row["text"] for row in dataset)
 
 
-def download(params: DataParams, out_dir: Path, log=print) -> dict:
+def download(params: DataParams, out_dir: Path, log=print) -> Provenance:
     """Write `{train,val}.jsonl` and `provenance.json` into out_dir; return the provenance record."""
     started = time.perf_counter()
     source, skipped = resolve_source(params)
@@ -113,7 +141,7 @@ def download(params: DataParams, out_dir: Path, log=print) -> dict:
         log(f"download: skipped {line}")
     log(f"download: using {source.kind} source {source.label}")
     caps = {"train": params.max_train_stories, "val": params.max_val_stories}
-    splits = {}
+    splits: dict[str, DownloadedSplit] = {}
     for split in ("train", "val"):
         path = out_dir / f"{split}.jsonl"
         count = 0
@@ -126,16 +154,11 @@ def download(params: DataParams, out_dir: Path, log=print) -> dict:
                     log(f"download: {split} {count}/{caps[split]} stories ({rate:.0f}/s)")
         if count == 0:
             raise PipelineError(f"{source.label}: split {split} has no stories. Fix: check the source in data.sources.")
-        splits[split] = {"stories": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        log(f"download: {split}: {count} stories, {splits[split]['bytes'] / 1e6:.2f} MB")
-    provenance = {
-        "source": source.label,
-        "kind": source.kind,
-        "revision": source.revision,
-        "source_sha256": _source_hashes(source),
-        "splits": splits,
-    }
-    write_json(out_dir / "provenance.json", provenance)
+        splits[split] = DownloadedSplit(stories=count, bytes=path.stat().st_size, sha256=sha256_file(path))
+        log(f"download: {split}: {count} stories, {splits[split].bytes / 1e6:.2f} MB")
+    provenance = Provenance(source=source.label, kind=source.kind, revision=source.revision,
+                            source_sha256=_source_hashes(source), splits=Splits(**splits))
+    write_record(out_dir / "provenance.json", provenance)
     return provenance
 
 
@@ -145,6 +168,5 @@ def _source_hashes(source: Source) -> dict[str, str] | None:
         return {split: sha256_file(path) for split, path in
                 (("train", source.files.train), ("val", source.files.validation))}
     if source.kind == "folder":
-        root = Path(source.label)
-        return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*.parquet"))}
+        return {str(p.relative_to(source.folder)): sha256_file(p) for p in sorted(source.folder.rglob("*.parquet"))}
     return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -86,18 +86,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Greedy:
-    deterministic = True
+    deterministic: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
 class Sample:
     """Multinomial sampling at `temperature`, optionally truncated by top-k, top-p and min-p."""
 
+    deterministic: ClassVar[bool] = False
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
-    deterministic = False
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)

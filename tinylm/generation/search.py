@@ -6,7 +6,7 @@ step costs one batched forward of width rows of one token each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,11 @@ from tinylm.model import GPT
 
 @dataclass(frozen=True)
 class Beam:
+    deterministic: ClassVar[bool] = True
     width: int = 4
     # Hypotheses are ranked by sum log p / length ** length_penalty (0: the raw sum, which favours
     # short ones; 1: the mean log-probability per token).
     length_penalty: float = 1.0
-    deterministic = True
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -35,15 +35,15 @@ class Contrastive:
     """Su et al. 2022: among the top_k tokens pick argmax (1 - alpha) p(v) - alpha max_j cos(h_v, h_j),
     h_j the final hidden states of the context: a likely token that does not repeat what was said."""
 
+    deterministic: ClassVar[bool] = True
     top_k: int = 4
     alpha: float = 0.6
-    deterministic = True
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ValueError(f"contrastive top_k must be >= 1, got {self.top_k}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"contrastive alpha must be in [0, 1], got {self.alpha}")
+        if self.top_k < 1:
+            raise ValueError(f"contrastive top_k must be >= 1, got {self.top_k}")
 
 
 @torch.inference_mode()

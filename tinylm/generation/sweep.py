@@ -23,6 +23,7 @@ from tinylm.model import GPT
 from tinylm.generation.sampling import Greedy, Sample, Strategy, decode, describe
 from tinylm.generation.search import Beam, Contrastive
 from tinylm.generation.text_metrics import distinct_n, repetition_rate
+from tinylm.records.sampling import DecodingMetrics, GeneratedSample, SamplingReport
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def sweep_configs(params: SampleParams) -> list[SweepConfig]:
     ]
 
 
-def summarize(generations: list[Generation], texts: list[str]) -> dict[str, float]:
+def summarize(generations: list[Generation], texts: list[str]) -> DecodingMetrics:
     """Metrics of one config's generations (texts: their decoded tokens, without the prompt).
 
     entropy: the model's next-token entropy (nats) along the generated text, at temperature 1;
@@ -63,27 +64,28 @@ def summarize(generations: list[Generation], texts: list[str]) -> dict[str, floa
     self_ppl: the model's perplexity of its own tokens, <|endoftext|> included when it stopped;
     mean_length: new tokens per sample; eot_rate: share of samples that ended the story."""
     steps = sum(len(g.logprobs) for g in generations)
-    return {
-        "distinct_1": distinct_n(texts, 1),
-        "distinct_2": distinct_n(texts, 2),
-        "distinct_3": distinct_n(texts, 3),
-        "repetition_4": repetition_rate(texts, 4),
-        "entropy": sum(sum(g.entropies) for g in generations) / steps,
-        "sampling_entropy": sum(sum(g.sampling_entropies) for g in generations) / steps,
-        "self_ppl": math.exp(sum(g.nll for g in generations) / steps),
-        "mean_length": sum(len(g.tokens) for g in generations) / len(generations),
-        "eot_rate": sum(g.stopped_at_eot for g in generations) / len(generations),
-        "num_samples": len(generations),
-    }
+    return DecodingMetrics(
+        distinct_1=distinct_n(texts, 1),
+        distinct_2=distinct_n(texts, 2),
+        distinct_3=distinct_n(texts, 3),
+        repetition_4=repetition_rate(texts, 4),
+        entropy=sum(sum(g.entropies) for g in generations) / steps,
+        sampling_entropy=sum(sum(g.sampling_entropies) for g in generations) / steps,
+        self_ppl=math.exp(sum(g.nll for g in generations) / steps),
+        mean_length=sum(len(g.tokens) for g in generations) / len(generations),
+        eot_rate=sum(g.stopped_at_eot for g in generations) / len(generations),
+        num_samples=len(generations),
+    )
 
 
-def run_sweep(model: GPT, tokenizer: Tokenizer, params: SampleParams) -> tuple[list[dict], dict[str, dict]]:
+def run_sweep(model: GPT, tokenizer: Tokenizer,
+              params: SampleParams) -> tuple[list[GeneratedSample], SamplingReport]:
     """(one record per sample for samples.jsonl, {config name: metrics} for sampling.json)."""
     configs = sweep_configs(params)
     seeds = [params.seed + i for i in range(params.num_samples)]
     prompts = [(prompt, [tokenizer.eot_id, *tokenizer.encode(prompt)]) for prompt in params.prompts]
-    records: list[dict] = []
-    metrics: dict[str, dict] = {}
+    records: list[GeneratedSample] = []
+    metrics: SamplingReport = {}
     for config in tqdm(configs, desc="sample sweep", unit="config"):
         started = time.perf_counter()
         generations: list[Generation] = []
@@ -95,19 +97,19 @@ def run_sweep(model: GPT, tokenizer: Tokenizer, params: SampleParams) -> tuple[l
                 text = tokenizer.decode(generation.tokens)
                 generations.append(generation)
                 texts.append(text)
-                records.append({
-                    "config": config.name,
-                    "params": describe(config.strategy),
-                    "prompt": prompt,
-                    "seed": seed,
-                    "completion": text,
-                    "num_tokens": len(generation.tokens),
-                    "stopped_at_eot": generation.stopped_at_eot,
-                    "self_ppl": math.exp(generation.nll / len(generation.logprobs)),
-                })
+                records.append(GeneratedSample(
+                    config=config.name,
+                    params=describe(config.strategy),
+                    prompt=prompt,
+                    seed=seed,
+                    completion=text,
+                    num_tokens=len(generation.tokens),
+                    stopped_at_eot=generation.stopped_at_eot,
+                    self_ppl=math.exp(generation.nll / len(generation.logprobs)),
+                ))
         metrics[config.name] = summarize(generations, texts)
         new_tokens = sum(len(g.logprobs) for g in generations)
         tqdm.write(f"{config.name}: {len(generations)} samples, {new_tokens / (time.perf_counter() - started):,.0f} "
-                   f"tok/s, self ppl {metrics[config.name]['self_ppl']:.2f}, "
-                   f"distinct-2 {metrics[config.name]['distinct_2']:.3f}")
+                   f"tok/s, self ppl {metrics[config.name].self_ppl:.2f}, "
+                   f"distinct-2 {metrics[config.name].distinct_2:.3f}")
     return records, metrics

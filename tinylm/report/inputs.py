@@ -1,19 +1,21 @@
 """The report's inputs: every file an earlier stage wrote, each with the stage to rerun when it is wrong.
 
-A missing input, one that is not valid JSON, or one without an expected key is a PipelineError
-naming the file and the stage that writes it.
+The JSON files are read as their typed records (tinylm/records/): a missing file, one that is not
+valid JSON, or one with a missing, unknown or mistyped key is a PipelineError naming the file,
+the key and the stage that writes it. So is a missing folder, text file or training series.
 """
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from tinylm.errors import PipelineError
+from tinylm.records.io import read_record, read_records, stage_error
 
 TRAIN_SERIES = ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,15 @@ class Source:
     stage: str
 
     def fail(self, problem: str) -> PipelineError:
-        return PipelineError(f"{self.path}: {problem}. It is written by the {self.stage} stage; "
-                             f"fix: run `dvc repro {self.stage}`")
+        return stage_error(self.path, self.stage, problem)
+
+    def read(self, root: Path, kind: type[R], ignore_other_keys: bool = False) -> R:
+        """The JSON file as its record."""
+        return read_record(root / self.path, kind, self.stage, ignore_other_keys)
+
+    def read_lines(self, root: Path, kind: type[R]) -> list[R]:
+        """The JSON lines file as one record per line."""
+        return read_records(root / self.path, kind, self.stage)
 
 
 CLEAN = Source(Path("reports/clean.json"), "clean")
@@ -43,15 +52,14 @@ SAMPLING = Source(Path("reports/sampling.json"), "sample_sweep")
 SAMPLES = Source(Path("reports/samples.jsonl"), "sample_sweep")
 
 
-class Record(dict):
-    """A JSON object that, asked for a key it lacks, names its file and the stage to rerun."""
+@dataclass(frozen=True)
+class TrainMetrics:
+    """The keys of reports/train/metrics.json that the report uses. dvclive writes that file (the
+    pretrain stage's summary and the last value of every logged metric), so its other keys are
+    not ours to declare: read it with `ignore_other_keys`."""
 
-    def __init__(self, items: dict, source: Source):
-        super().__init__(items)
-        self.source = source
-
-    def __missing__(self, key: str) -> Any:
-        raise self.source.fail(f"has no key {key!r} (written by an older or different version of the stage)")
+    batch_tokens: int  # tokens per optimizer step
+    elapsed_s: float  # training time, at the last log
 
 
 def require(root: Path, source: Source) -> Path:
@@ -59,22 +67,6 @@ def require(root: Path, source: Source) -> Path:
     if not path.exists():
         raise source.fail("missing")
     return path
-
-
-def _parse_json(text: str, source: Source) -> Any:
-    try:
-        return json.loads(text, object_hook=lambda items: Record(items, source))
-    except ValueError as exc:
-        raise source.fail(f"not valid JSON ({exc})") from None
-
-
-def read_json(root: Path, source: Source) -> Record:
-    return _parse_json(require(root, source).read_text(encoding="utf-8"), source)
-
-
-def read_jsonl(root: Path, source: Source) -> list[Record]:
-    lines = require(root, source).read_text(encoding="utf-8").splitlines()
-    return [_parse_json(line, source) for line in lines if line.strip()]
 
 
 def read_series(root: Path, name: str) -> tuple[list[int], list[float]]:

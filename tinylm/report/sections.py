@@ -18,9 +18,14 @@ from tinylm.corpus.formats import iter_eot_stories
 from tinylm.files import write_text
 from tinylm.model import load_trained_model
 from tinylm.report import figures, introspection
+from tinylm.records.corpus import CleanReport, Provenance, ShardsReport
+from tinylm.records.evaluation import EvalReport
+from tinylm.records.model import ModelSummary
+from tinylm.records.sampling import GeneratedSample, SamplingReport
+from tinylm.records.tokenizer import TokenizerReport
 from tinylm.report.inputs import (CLEAN, CLEAN_VAL, EVAL, MODEL_DIR, MODEL_SUMMARY, PROVENANCE, SAMPLES, SAMPLING,
-                                  SHARDS, TOKENIZER_DIR, TOKENIZER_REPORT, TRAIN_METRICS, TRAIN_SERIES, Record,
-                                  read_json, read_jsonl, read_series, require)
+                                  SHARDS, TOKENIZER_DIR, TOKENIZER_REPORT, TRAIN_METRICS, TRAIN_SERIES, TrainMetrics,
+                                  read_series, require)
 from tinylm.report.markdown import (Report, code_block, count, duration, escape, number, shown_token, short,
                                     table)
 from tinylm.tokenizer.bpe import Tokenizer, load_tokenizer
@@ -30,48 +35,47 @@ FIGURES = Path("reports/figures")
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens per parameter
 
 
-def data_section(report: Report, root: Path, shards: Record) -> None:
-    clean, provenance = read_json(root, CLEAN), read_json(root, PROVENANCE)
-    splits = ("train", "val")
+def data_section(report: Report, provenance: Provenance, clean: CleanReport, shards: ShardsReport) -> None:
     report.add("## Data", "",
-               f"Source: `{provenance['source']}` ({provenance['kind']}). Stories per split through the pipeline: "
+               f"Source: `{provenance.source}` ({provenance.kind}). Stories per split through the pipeline: "
                "read by download, kept by clean (mojibake repaired in place), and tokens in the shards "
                "(each story followed by `<|endoftext|>`).", "")
+    splits = {"train": (provenance.splits.train, clean.train, shards.train),
+              "val": (provenance.splits.val, clean.val, shards.val)}
     report.add(*table(["split", "stories downloaded", "stories kept", "mojibake repaired", "tokens",
                        "text bytes per token"],
-                      [[split, count(provenance["splits"][split]["stories"]), count(clean[split]["stories_out"]),
-                        count(clean[split]["mojibake_repaired"]), count(shards[split]["tokens"]),
-                        number(shards[split]["bytes_per_token"], 2)] for split in splits]))
-    reasons = sorted(set(clean["train"]["dropped"]) | set(clean["val"]["dropped"]))
-    rows = [[reason, *(count(clean[split]["dropped"].get(reason, 0)) for split in splits)] for reason in reasons]
-    rows.append(["**total dropped**", *(count(clean[s]["stories_in"] - clean[s]["stories_out"]) for s in splits)])
+                      [[split, count(downloaded.stories), count(kept.stories_out), count(kept.mojibake_repaired),
+                        count(encoded.tokens), number(encoded.bytes_per_token, 2)]
+                       for split, (downloaded, kept, encoded) in splits.items()]))
+    cleaned = (clean.train, clean.val)
+    reasons = sorted(set(clean.train.dropped) | set(clean.val.dropped))
+    rows = [[reason, *(count(split.dropped.get(reason, 0)) for split in cleaned)] for reason in reasons]
+    rows.append(["**total dropped**", *(count(split.stories_in - split.stories_out) for split in cleaned)])
     report.add("Stories dropped by the clean stage, per reason:", "", *table(["reason", "train", "val"], rows))
 
 
-def tokenizer_section(report: Report, root: Path, d_model: int) -> None:
-    stats = read_json(root, TOKENIZER_REPORT)
+def tokenizer_section(report: Report, stats: TokenizerReport, d_model: int) -> None:
     report.add("## Tokenizer", "",
-               f"Our byte-level BPE: {count(stats['vocab_size'])} tokens ({count(stats['num_merges'])} merges), "
-               f"trained in {number(stats['train_seconds'], 1)} s. Compression on the validation text, in UTF-8 "
+               f"Our byte-level BPE: {count(stats.vocab_size)} tokens ({count(stats.num_merges)} merges), "
+               f"trained in {number(stats.train_seconds, 1)} s. Compression on the validation text, in UTF-8 "
                "bytes per token (higher means shorter sequences: more story per context window, less compute "
                "per story). The Hugging Face tokenizers are trained on the same stories with the same vocab size; "
                "vocab overlap is the share of our multi-byte tokens they also learned.", "")
-    rows = [("ours (BPE)", stats["vocab_size"], stats["val_bytes_per_token"], None)]
-    for key, label in (("hf_bpe", "HF BPE"), ("hf_unigram", "HF Unigram"),
-                       ("hf_unigram_metaspace", "HF Unigram (Metaspace)")):
-        hf = stats[key]
-        rows.append((label, hf["vocab_size"], hf["val_bytes_per_token"], hf["vocab_overlap"]))
-    if "gpt2" in stats:
-        rows.append(("GPT-2 (tiktoken)", stats["gpt2"]["vocab_size"], stats["gpt2"]["val_bytes_per_token"], None))
+    rows = [("ours (BPE)", stats.vocab_size, stats.val_bytes_per_token, None)]
+    for label, hf in (("HF BPE", stats.hf_bpe), ("HF Unigram", stats.hf_unigram),
+                      ("HF Unigram (Metaspace)", stats.hf_unigram_metaspace)):
+        rows.append((label, hf.vocab_size, hf.val_bytes_per_token, hf.vocab_overlap))
+    if stats.gpt2 is not None:
+        rows.append(("GPT-2 (tiktoken)", stats.gpt2.vocab_size, stats.gpt2.val_bytes_per_token, None))
     report.add(*table(["tokenizer", "vocab size", "bytes per token", "vocab overlap with ours"],
                       [[label, count(size), number(bpt, 3), "–" if overlap is None else f"{overlap:.1%}"]
                        for label, size, bpt, overlap in rows]))
-    if "gpt2" not in stats:
+    if stats.gpt2 is None:
         report.add("GPT-2 is missing: its files were not in `TIKTOKEN_CACHE_DIR` when train_bpe ran.", "")
-    sizes = sorted(stats["vocab_sizes"].values(), key=lambda entry: entry["vocab_size"])
+    sizes = sorted(stats.vocab_sizes.values(), key=lambda entry: entry.vocab_size)
     bars = [(f"{label}, vocab {count(size)}", bpt, label.split(" ")[0]) for label, size, bpt, _ in rows]
-    bars += [(f"ours (BPE), vocab {count(s['vocab_size'])}", s["val_bytes_per_token"], "ours")
-             for s in sizes if s["vocab_size"] != stats["vocab_size"]]
+    bars += [(f"ours (BPE), vocab {count(s.vocab_size)}", s.val_bytes_per_token, "ours")
+             for s in sizes if s.vocab_size != stats.vocab_size]
     report.figure("tokenizer_bytes_per_token", figures.bytes_per_token_chart(bars),
                   "Bytes per token of each tokenizer and vocabulary size")
 
@@ -79,22 +83,22 @@ def tokenizer_section(report: Report, root: Path, d_model: int) -> None:
                f"sequences but costs an embedding row per token: at this model's d_model = {d_model}, each "
                "token adds that many parameters (twice without weight tying).", "")
     report.add(*table(["vocab size", "validation tokens", "bytes per token", "embedding parameters"],
-                      [[count(s["vocab_size"]), count(s["val_tokens"]), number(s["val_bytes_per_token"], 3),
-                        count(s["vocab_size"] * d_model)] for s in sizes]))
+                      [[count(s.vocab_size), count(s.val_tokens), number(s.val_bytes_per_token, 3),
+                        count(s.vocab_size * d_model)] for s in sizes]))
 
-    examples = stats["examples"]
-    has_gpt2 = all("gpt2" in tokens for tokens in examples.values())
+    examples = stats.examples
+    has_gpt2 = all(tokens.gpt2 is not None for tokens in examples.values())
     report.add("How words reach the model:", "")
     report.add(*table(["text", "ours", *(["GPT-2"] if has_gpt2 else [])],
-                      [[shown_token(word), " ".join(map(shown_token, tokens["ours"])),
-                        *([" ".join(map(shown_token, tokens["gpt2"]))] if has_gpt2 else [])]
+                      [[shown_token(word), " ".join(map(shown_token, tokens.ours)),
+                        *([" ".join(map(shown_token, tokens.gpt2))] if has_gpt2 else [])]
                        for word, tokens in examples.items()], numeric_from=3))
     variants = [word for word in examples if word.strip() == "strawberry"]
     if variants:
         spelled = "; ".join(
             f"{shown_token(word)} is {len(pieces)} token{'s' if len(pieces) > 1 else ''} "
             f"({' '.join(map(shown_token, pieces))}, holding {' + '.join(str(p.count('r')) for p in pieces)} r's)"
-            for word, pieces in ((word, examples[word]["ours"]) for word in variants))
+            for word, pieces in ((word, examples[word].ours) for word in variants))
         report.add(f"**Why LLMs miscount letters.** `strawberry` has 3 r's, but a model never sees letters. In our "
                    f"tokenizer, {spelled}. Each token is one id, an opaque row of the embedding table: the letters it "
                    "spells are not in the input and can only be inferred from how the token is used. Counting "
@@ -103,9 +107,9 @@ def tokenizer_section(report: Report, root: Path, d_model: int) -> None:
                    "")
 
 
-def model_section(report: Report, summary: Record, shards: Record, batch_tokens: int) -> None:
-    config = summary["config"]
-    params, params_no_emb, tokens = summary["params"], summary["params_without_embeddings"], summary["tokens_trained"]
+def model_section(report: Report, summary: ModelSummary, shards: ShardsReport, batch_tokens: int) -> None:
+    config = summary.config
+    params, params_no_emb, tokens = summary.params, summary.params_without_embeddings, summary.tokens_trained
     per_param = tokens / params
     optimal = CHINCHILLA_TOKENS_PER_PARAM * params
     report.add("## Model", "",
@@ -117,10 +121,10 @@ def model_section(report: Report, summary: Record, shards: Record, batch_tokens:
     report.add(*table(["quantity", "value"], [
         ["parameters (with embeddings; tied head counted once)", count(params)],
         ["parameters without embeddings (token and position)", count(params_no_emb)],
-        ["optimizer steps", count(summary["steps"])],
+        ["optimizer steps", count(summary.steps)],
         ["tokens per step", count(batch_tokens)],
         ["training tokens", count(tokens)],
-        ["epochs over the train shards", number(tokens / shards["train"]["tokens"], 2)],
+        ["epochs over the train shards", number(tokens / shards.train.tokens, 2)],
         ["tokens per parameter", number(per_param, 2)],
         ["tokens per non-embedding parameter", number(tokens / params_no_emb, 2)],
     ]))
@@ -134,9 +138,10 @@ def model_section(report: Report, summary: Record, shards: Record, batch_tokens:
                f"({per_param / CHINCHILLA_TOKENS_PER_PARAM:.3g}× that ratio): {verdict}.", "")
 
 
-def training_section(report: Report, root: Path, metrics: Record, summary: Record, grad_clip: float) -> None:
+def training_section(report: Report, root: Path, metrics: TrainMetrics, summary: ModelSummary,
+                     grad_clip: float) -> None:
     series = {name: read_series(root, name) for name in TRAIN_SERIES}
-    batch_tokens = metrics["batch_tokens"]
+    batch_tokens = metrics.batch_tokens
     report.add("## Training", "",
                "Loss of each logged training batch (before its update) and of the fixed validation batches, "
                f"against optimizer steps and against training tokens ({count(batch_tokens)} per step). "
@@ -147,32 +152,32 @@ def training_section(report: Report, root: Path, metrics: Record, summary: Recor
         series["lr"], series["grad_norm"], series["tokens_per_s"], grad_clip),
         "Learning rate, gradient norm and throughput against step")
     report.add(*table(["quantity", "value"], [
-        ["final train loss (last logged batch)", number(summary["final_train_loss"], 4)],
-        ["final validation loss", number(summary["final_val_loss"], 4)],
+        ["final train loss (last logged batch)", number(summary.final_train_loss, 4)],
+        ["final validation loss", number(summary.final_val_loss, 4)],
         # Medians over the logged windows: the first ones include warm-up and compilation.
         ["median throughput (tokens/s)", count(round(float(np.median(series["tokens_per_s"][1]))))],
         ["median model FLOPs utilisation (of train.peak_flops)", f"{float(np.median(series['mfu'][1])):.1%}"],
-        ["training time", duration(metrics["elapsed_s"])],
+        ["training time", duration(metrics.elapsed_s)],
     ]))
 
 
-def evaluation_section(report: Report, ev: Record) -> None:
-    baselines = ev["baselines"]
-    vocab = baselines["uniform"]["ppl"]
-    uniform_bits = ev["tokens_evaluated"] * math.log2(vocab)
-    rows = [["**trained model**", number(ev["val_loss"], 4), number(ev["val_ppl"], 2), number(ev["val_bpb"], 4)]]
-    for key, label in (("untrained", "untrained model (same init)"), ("unigram", "unigram (train token frequencies)")):
-        rows.append([label, number(baselines[key]["loss"], 4), number(baselines[key]["ppl"], 2),
-                     number(baselines[key]["bpb"], 4)])
+def evaluation_section(report: Report, ev: EvalReport) -> None:
+    baselines = ev.baselines
+    vocab = baselines.uniform.ppl
+    uniform_bits = ev.tokens_evaluated * math.log2(vocab)
+    rows = [["**trained model**", number(ev.val_loss, 4), number(ev.val_ppl, 2), number(ev.val_bpb, 4)]]
+    for label, score in (("untrained model (same init)", baselines.untrained),
+                         ("unigram (train token frequencies)", baselines.unigram)):
+        rows.append([label, number(score.loss, 4), number(score.ppl, 2), number(score.bpb, 4)])
     rows.append(["uniform over the vocabulary", number(math.log(vocab), 4), number(vocab, 2),
-                 number(uniform_bits / ev["bytes_evaluated"], 4)])
+                 number(uniform_bits / ev.bytes_evaluated, 4)])
     report.add("## Evaluation", "",
-               f"Exact perplexity on the whole validation split: {count(ev['tokens_evaluated'])} tokens "
-               f"({count(ev['bytes_evaluated'])} bytes), windows of {ev['block_size']} tokens sliding by "
-               f"{ev['stride']}. Loss is in nats per token; bits per byte divides the total loss in bits by the "
+               f"Exact perplexity on the whole validation split: {count(ev.tokens_evaluated)} tokens "
+               f"({count(ev.bytes_evaluated)} bytes), windows of {ev.block_size} tokens sliding by "
+               f"{ev.stride}. Loss is in nats per token; bits per byte divides the total loss in bits by the "
                "text's UTF-8 bytes, so it compares across tokenizers where perplexity cannot.", "")
     report.add(*table(["model", "loss (nats/token)", "perplexity", "bits per byte"], rows))
-    gain = baselines["unigram"]["ppl"] / ev["val_ppl"]
+    gain = baselines.unigram.ppl / ev.val_ppl
     if gain > 1:
         report.add(f"The trained model's perplexity is {number(gain, 1)}× lower than the best context-free guess "
                    "(unigram): that gap is what attention and depth buy.", "")
@@ -194,30 +199,29 @@ def sample_cell(prompt: str, completion: str, limit: int) -> str:
     return bold + escape(trim(completion, limit))
 
 
-def sampling_section(report: Report, root: Path, sample_chars: int) -> None:
-    metrics, samples = read_json(root, SAMPLING), read_jsonl(root, SAMPLES)
+def sampling_section(report: Report, metrics: SamplingReport, samples: list[GeneratedSample],
+                     sample_chars: int) -> None:
     # The sweep's order (greedy, temperatures, truncations, searches), which samples.jsonl keeps;
-    # sampling.json's keys are sorted alphabetically.
-    names = list(dict.fromkeys([s["config"] for s in samples if s["config"] in metrics] + list(metrics)))
+    # sampling.json's keys are sorted alphabetically. A dict keeps each name where it first appears.
+    configs = {name: metrics[name] for name in [*(s.config for s in samples if s.config in metrics), *metrics]}
     report.add("## Sampling", "",
                "Each decoding config on the same prompts and seeds. distinct-n: share of unique word n-grams "
                "per sample; rep-4: share of 4-grams repeating an earlier one; entropy: the model's next-token "
                "entropy along the text (nats); self-ppl: the model's perplexity of its own sample (low = text it "
                "finds likely); EOT: share of samples that ended the story.", "")
-    columns = (("distinct_1", 3), ("distinct_2", 3), ("repetition_4", 3), ("entropy", 3), ("self_ppl", 2),
-               ("mean_length", 1), ("eot_rate", 2))
     report.add(*table(["config", "distinct-1", "distinct-2", "rep-4", "entropy", "self-ppl", "mean tokens", "EOT",
                        "samples"],
-                      [[f"`{name}`", *(number(metrics[name][key], digits) for key, digits in columns),
-                        count(metrics[name]["num_samples"])] for name in names]))
+                      [[f"`{name}`", number(m.distinct_1, 3), number(m.distinct_2, 3), number(m.repetition_4, 3),
+                        number(m.entropy, 3), number(m.self_ppl, 2), number(m.mean_length, 1), number(m.eot_rate, 2),
+                        count(m.num_samples)] for name, m in configs.items()]))
     report.figure("diversity_coherence", figures.diversity_vs_coherence(
-        {name: (metrics[name]["distinct_2"], metrics[name]["self_ppl"]) for name in names}),
+        {name: (m.distinct_2, m.self_ppl) for name, m in configs.items()}),
         "Distinct-2 against self-perplexity, one point per decoding config")
     report.add(f"Every sample, trimmed to {sample_chars} characters after the prompt (in bold); the full texts "
                "are in [samples.jsonl](samples.jsonl).", "")
     report.add(*table(["config", "seed", "sample"],
-                      [[f"`{s['config']}`", "–" if s["seed"] is None else s["seed"],
-                        sample_cell(s["prompt"], s["completion"], sample_chars)] for s in samples], numeric_from=3))
+                      [[f"`{s.config}`", "–" if s.seed is None else s.seed,
+                        sample_cell(s.prompt, s.completion, sample_chars)] for s in samples], numeric_from=3))
 
 
 def attention_story(root: Path, tokenizer: Tokenizer, length: int) -> tuple[list[int], str]:
@@ -286,21 +290,25 @@ def inside_section(report: Report, root: Path, attention_tokens: int) -> None:
 
 def build_report(root: Path, params: Params) -> Report:
     """The whole report in memory; `root` is the repository (inputs are read relative to it)."""
-    summary, metrics = read_json(root, MODEL_SUMMARY), read_json(root, TRAIN_METRICS)
-    shards, ev = read_json(root, SHARDS), read_json(root, EVAL)
+    provenance, clean = PROVENANCE.read(root, Provenance), CLEAN.read(root, CleanReport)
+    tokenizer_stats, shards = TOKENIZER_REPORT.read(root, TokenizerReport), SHARDS.read(root, ShardsReport)
+    summary = MODEL_SUMMARY.read(root, ModelSummary)
+    metrics = TRAIN_METRICS.read(root, TrainMetrics, ignore_other_keys=True)
+    ev = EVAL.read(root, EvalReport)
+    sampling, samples = SAMPLING.read(root, SamplingReport), SAMPLES.read_lines(root, GeneratedSample)
     report = Report()
     report.add("# TinyStories GPT: pipeline report", "",
-               f"Generated by the report stage from the pipeline's outputs. A {short(summary['params'])}-parameter "
-               f"GPT trained on {short(summary['tokens_trained'])} tokens reaches a validation perplexity of "
-               f"**{number(ev['val_ppl'], 2)}** ({number(ev['val_bpb'], 4)} bits per byte).", "",
+               f"Generated by the report stage from the pipeline's outputs. A {short(summary.params)}-parameter "
+               f"GPT trained on {short(summary.tokens_trained)} tokens reaches a validation perplexity of "
+               f"**{number(ev.val_ppl, 2)}** ({number(ev.val_bpb, 4)} bits per byte).", "",
                "Sections: [Data](#data) · [Tokenizer](#tokenizer) · [Model](#model) · [Training](#training) · "
                "[Evaluation](#evaluation) · [Sampling](#sampling) · [Inside the model](#inside-the-model)", "")
-    data_section(report, root, shards)
-    tokenizer_section(report, root, summary["config"]["d_model"])
-    model_section(report, summary, shards, metrics["batch_tokens"])
+    data_section(report, provenance, clean, shards)
+    tokenizer_section(report, tokenizer_stats, int(summary.config["d_model"]))
+    model_section(report, summary, shards, metrics.batch_tokens)
     training_section(report, root, metrics, summary, params.train.grad_clip)
     evaluation_section(report, ev)
-    sampling_section(report, root, params.report.sample_chars)
+    sampling_section(report, sampling, samples, params.report.sample_chars)
     inside_section(report, root, params.report.attention_tokens)
     return report
 

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from tinylm.files import fsync_dir, sha256_file, write_json, write_text
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE, PreTokenizer, TokenizerError
@@ -186,11 +186,6 @@ class Tokenizer:
                 ids.extend(chain.from_iterable(map(lookup, PRETOKEN_RE.findall(part))))
         return ids
 
-    def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
-        """Ids of "".join(texts), produced block by block (memory bounded by the block size)."""
-        for block in self._pretokenizer.blocks(texts, block_chars=1 << 16):
-            yield from self.encode(block)
-
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = list(ids)
         if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
@@ -315,5 +310,3 @@ def load_gpt2(cache_dir: str | os.PathLike) -> Tokenizer:
     cache_dir = Path(cache_dir)
     return Tokenizer.from_files(cache_dir / GPT2_VOCAB_FILE, cache_dir / GPT2_MERGES_FILE, [EOT])
 
-
-__all__ = ["EOT", "Tokenizer", "TokenizerError", "load_gpt2", "load_tokenizer", "merge_pair"]

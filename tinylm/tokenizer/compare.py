@@ -1,4 +1,4 @@
-"""The comparisons in reports/tokenizer.json: our BPE against HF `tokenizers`, GPT-2 and other sizes.
+"""reports/tokenizer.json: our BPE's numbers, compared with HF `tokenizers`, GPT-2 and other sizes.
 
 All are measured on the same validation text as bytes of UTF-8 per token (higher = fewer tokens
 for the same text, so a longer context per block and less compute per story). Special tokens
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+from tinylm.records.tokenizer import Compression, ExampleTokens, LearnedCompression, TokenizerReport
 from tinylm.tokenizer.bpe import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, Tokenizer, str_to_token
 from tinylm.tokenizer.train import count_pretokens, merge_pretokens
 from tinylm.tokenizer.pretokenize import PreTokenizer, read_utf8
@@ -81,9 +82,15 @@ def gpt2_encoding():
     return tiktoken.get_encoding("gpt2")
 
 
-def compare(tokenizer: Tokenizer, train_path: str | os.PathLike, val_text: str, compare_sizes: Sequence[int],
-            workers: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Everything but our own headline numbers; see the module docstring."""
+def _compression(vocab_size: int, val_text: str, val_tokens: int) -> Compression:
+    return Compression(vocab_size=vocab_size, val_tokens=val_tokens,
+                       val_bytes_per_token=bytes_per_token(val_text, val_tokens))
+
+
+def tokenizer_report(tokenizer: Tokenizer, train_seconds: float, train_path: str | os.PathLike, val_text: str,
+                     compare_sizes: Sequence[int], workers: int = 1,
+                     log: Callable[[str], None] = print) -> TokenizerReport:
+    """reports/tokenizer.json: our BPE's own numbers, then the comparisons of the module docstring."""
     special_tokens = list(tokenizer.special_tokens)
     ours_learned = _learned({t for i, t in tokenizer.vocab.items() if i not in tokenizer.special_tokens.values()})
     pretokenizer = PreTokenizer(special_tokens)
@@ -91,25 +98,21 @@ def compare(tokenizer: Tokenizer, train_path: str | os.PathLike, val_text: str, 
     val_parts = pretokenizer.split_specials(val_text)
     val_pieces, val_specials = [p for p in val_parts[::2] if p], len(val_parts) // 2
 
-    result: dict[str, Any] = {}
+    hf: dict[str, LearnedCompression] = {}
     for kind in ("bpe", "unigram", "unigram_metaspace"):
         log(f"training HF tokenizers {kind} (vocab {tokenizer.vocab_size})")
-        hf = train_hf(kind, _documents(train_path, pretokenizer), tokenizer.vocab_size, special_tokens)
-        theirs = _learned({hf_token_bytes(kind, t) for t in hf.get_vocab() if t not in special_tokens})
-        val_tokens = val_specials + sum(len(e.ids) for e in hf.encode_batch(val_pieces))
-        result[f"hf_{kind}"] = {
-            "vocab_size": hf.get_vocab_size(),
-            "val_tokens": val_tokens,
-            "val_bytes_per_token": bytes_per_token(val_text, val_tokens),
-            "vocab_overlap": round(len(ours_learned & theirs) / max(len(ours_learned), 1), 4),
-        }
+        trained = train_hf(kind, _documents(train_path, pretokenizer), tokenizer.vocab_size, special_tokens)
+        theirs = _learned({hf_token_bytes(kind, t) for t in trained.get_vocab() if t not in special_tokens})
+        val_tokens = val_specials + sum(len(e.ids) for e in trained.encode_batch(val_pieces))
+        hf[kind] = LearnedCompression(vocab_size=trained.get_vocab_size(), val_tokens=val_tokens,
+                                      val_bytes_per_token=bytes_per_token(val_text, val_tokens),
+                                      vocab_overlap=round(len(ours_learned & theirs) / max(len(ours_learned), 1), 4))
 
     encoding = gpt2_encoding()
-    gpt2_tokens = {}
+    gpt2, gpt2_tokens = None, {}
     if encoding is not None:
         ids = encoding.encode(val_text, allowed_special=set(special_tokens) & encoding.special_tokens_set)
-        result["gpt2"] = {"vocab_size": encoding.n_vocab, "val_tokens": len(ids),
-                          "val_bytes_per_token": bytes_per_token(val_text, len(ids))}
+        gpt2 = _compression(encoding.n_vocab, val_text, len(ids))
         gpt2_tokens = {w: [_shown(encoding.decode_single_token_bytes(i)) for i in encoding.encode(w)]
                        for w in EXAMPLE_WORDS}
     else:
@@ -121,16 +124,18 @@ def compare(tokenizer: Tokenizer, train_path: str | os.PathLike, val_text: str, 
     for size in compare_sizes:
         vocab, merges = merge_pretokens(word_counts, max(size, 256 + len(special_tokens)), special_tokens)
         ids = Tokenizer(vocab, merges, special_tokens).encode(val_text)
-        sizes[str(size)] = {"vocab_size": len(vocab), "val_tokens": len(ids),
-                            "val_bytes_per_token": bytes_per_token(val_text, len(ids))}
-    result["vocab_sizes"] = sizes
+        sizes[str(size)] = _compression(len(vocab), val_text, len(ids))
 
-    result["examples"] = {
-        word: {"ours": [_shown(tokenizer.vocab[i]) for i in tokenizer.encode(word)],
-               **({"gpt2": gpt2_tokens[word]} if gpt2_tokens else {})}
-        for word in EXAMPLE_WORDS
-    }
-    return result
+    ours_tokens = len(tokenizer.encode(val_text))
+    return TokenizerReport(
+        vocab_size=tokenizer.vocab_size, num_merges=len(tokenizer.merges), train_seconds=round(train_seconds, 3),
+        val_tokens=ours_tokens, val_bytes_per_token=bytes_per_token(val_text, ours_tokens),
+        fingerprint=tokenizer.fingerprint,
+        hf_bpe=hf["bpe"], hf_unigram=hf["unigram"], hf_unigram_metaspace=hf["unigram_metaspace"], gpt2=gpt2,
+        vocab_sizes=sizes,
+        examples={word: ExampleTokens(ours=[_shown(tokenizer.vocab[i]) for i in tokenizer.encode(word)],
+                                      gpt2=gpt2_tokens.get(word)) for word in EXAMPLE_WORDS},
+    )
 
 
-__all__ = ["EXAMPLE_WORDS", "bytes_per_token", "compare", "gpt2_encoding", "hf_token_bytes", "train_hf"]
+__all__ = ["EXAMPLE_WORDS", "bytes_per_token", "gpt2_encoding", "hf_token_bytes", "tokenizer_report", "train_hf"]

@@ -33,6 +33,7 @@ import tiktoken
 from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.tokenizer.pretokenize import PreTokenizer
 from tinylm.corpus.shards import write_split
+from tinylm.records.corpus import ShardSplit
 
 # Documents per task: big enough that inter-process traffic is noise, small enough to keep all
 # workers busy and memory flat (at most 2 batches per worker are in flight).
@@ -167,18 +168,19 @@ class SplitStats:
     shards: int
     seconds: float
 
-    def as_dict(self) -> dict:
+    def record(self) -> ShardSplit:
+        """The split's part of reports/shards.json, rounded to the digits worth reading."""
         content_tokens = self.tokens - self.documents
-        return {
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "text_bytes": self.text_bytes,
+        return ShardSplit(
+            documents=self.documents,
+            tokens=self.tokens,
+            text_bytes=self.text_bytes,
             # Text bytes per token of text (the <|endoftext|> separators are not text).
-            "bytes_per_token": round(self.text_bytes / content_tokens, 4) if content_tokens else 0.0,
-            "shards": self.shards,
-            "seconds": round(self.seconds, 3),
-            "mb_per_s": round(self.text_bytes / 1e6 / self.seconds, 3) if self.seconds else 0.0,
-        }
+            bytes_per_token=round(self.text_bytes / content_tokens, 4) if content_tokens else 0.0,
+            shards=self.shards,
+            seconds=round(self.seconds, 3),
+            mb_per_s=round(self.text_bytes / 1e6 / self.seconds, 3) if self.seconds else 0.0,
+        )
 
 
 def encode_split(encoder: ParallelEncoder, documents: Iterable[str], directory: str | Path, split: str,

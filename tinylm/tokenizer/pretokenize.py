@@ -4,7 +4,7 @@ Text is cut on the declared special tokens (longest first, so `<|endoftext|><|en
 `<|endoftext|>` at the same position); each piece between them is split by GPT-2's pattern into
 pre-tokens, and BPE merges never cross a pre-token. So no merge crosses a document boundary.
 
-Streaming (training on a big file, `Tokenizer.encode_iterable`) cuts the text into blocks at
+Streaming (training on a big file) cuts the text into blocks at
 points where the result cannot depend on what follows, so that processing the blocks one at a
 time gives exactly the pre-tokens of the whole text, in memory bounded by the block size.
 """

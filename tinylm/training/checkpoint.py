@@ -1,4 +1,11 @@
-"""Resume checkpoints: atomic writes, and a fingerprint that decides whether one may be resumed.
+"""Resume checkpoints: what one holds, atomic writes, and a fingerprint that decides whether one may
+be resumed.
+
+A checkpoint holds the whole training state: the weights, the AdamW moments, the GradScaler, the
+batch generator, every rank's CPU and CUDA RNG state (dropout draws differ across ranks), the step,
+tokens and seconds so far, and the metric history. `RunCheckpoint` captures it from the live
+objects and restores it into them; restoring all of it makes a resumed run draw exactly the batches
+and dropout masks an uninterrupted run would have, so it ends with the same weights.
 
 Where the checkpoint lives, and why: `checkpoints/pretrain/last.pt` is a scratch file, git-ignored
 and outside the pretrain stage's declared outputs. DVC therefore never deletes it before running
@@ -27,10 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tinylm.config import TrainParams
 from tinylm.files import atomic_path
-from tinylm.model import GPTConfig
+from tinylm.model import GPT, GPTConfig
+from tinylm.training.batches import TrainBatches
+from tinylm.training.runtime import Distributed
 
 CHECKPOINT_FORMAT = 1
 NOT_IN_FINGERPRINT = ("checkpoint_interval", "compile", "activation_checkpointing")
@@ -111,3 +121,88 @@ def load_checkpoint(path: str | Path, inputs: dict[str, Any]) -> dict[str, Any] 
 def remove_checkpoint(path: str | Path) -> None:
     Path(path).unlink(missing_ok=True)
     remove_stale_temp_files(path)
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: updates made, tokens trained, seconds spent, and the metric rows so far."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+class RunCheckpoint:
+    """This run's checkpoint file, and the live objects its state is captured from and restored into.
+
+    Under DDP every rank calls each method (they are collectives): rank 0 alone reads and writes the
+    file, so the nodes need no shared filesystem, and each rank's RNG state travels through rank 0.
+    """
+
+    def __init__(self, path: str | Path, inputs: dict[str, Any], *, model: GPT, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, batches: TrainBatches, device: torch.device,
+                 distributed: Distributed):
+        """`inputs` are this run's fingerprint inputs (`fingerprint_inputs`); `model` is the bare model,
+        not its DDP or torch.compile wrapper, so the saved keys do not depend on either."""
+        self.path = Path(path)
+        self.inputs = inputs
+        self.model, self.optimizer, self.scaler, self.batches = model, optimizer, scaler, batches
+        self.device = device
+        self.distributed = distributed
+
+    def capture(self, position: Position) -> dict[str, Any] | None:
+        """The state to save, on rank 0 (None on the others, which only contribute their RNG state).
+
+        Its tensors are the live ones, not copies (a copy would double the memory): save it before
+        the next step changes them.
+        """
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rng_per_rank = [rng]
+        if self.distributed.world_size > 1:
+            rng_per_rank = [None] * self.distributed.world_size
+            dist.all_gather_object(rng_per_rank, rng)
+        if not self.distributed.is_main:
+            return None
+        return {
+            "fingerprint": fingerprint(self.inputs), "fingerprint_inputs": self.inputs,
+            "step": position.step, "tokens": position.tokens, "elapsed_s": position.elapsed_s,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "batches": self.batches.state(), "rng": rng_per_rank,
+            "history": position.history,
+        }
+
+    def restore(self, state: dict[str, Any]) -> Position:
+        """Load a captured state into the live objects, and this rank's own RNG state; where it stood."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state(state["batches"])
+        rng = state["rng"][self.distributed.rank]
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return Position(state["step"], state["tokens"], state["elapsed_s"], state["history"])
+
+    def save(self, position: Position) -> None:
+        state = self.capture(position)
+        if state is not None:
+            save_checkpoint(self.path, state)
+
+    def resume(self) -> Position | None:
+        """Restore this run's checkpoint, if there is one (see `load_checkpoint`), and say where it stood."""
+        state = None
+        if self.distributed.is_main:
+            remove_stale_temp_files(self.path)
+            state = load_checkpoint(self.path, self.inputs)
+        if self.distributed.world_size > 1:
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        if state is None:
+            return None
+        position = self.restore(state)
+        if self.distributed.is_main:
+            print(f"checkpoint: resuming {self.path} at step {position.step}", flush=True)
+        return position

@@ -1,5 +1,11 @@
-"""The pretraining loop: AdamW with warmup + cosine lr, gradient accumulation, mixed precision,
-DDP, dvclive metrics, and checkpoints that resume a run exactly where it stopped.
+"""The pretraining loop: AdamW with warmup + cosine lr, gradient accumulation, mixed precision and
+DDP; validation every train.eval_interval steps, metrics every train.log_interval, and a checkpoint
+every train.checkpoint_interval, at the end, and when a signal asks the run to stop.
+
+The `Trainer` owns the optimizer step, evaluation and the loop; the pieces it drives live beside it:
+batches.py (what each step trains on), checkpoint.py (what a checkpoint holds, saving and resuming
+it), metrics_log.py (the metric rows and dvclive), progress.py (the console lines and MFU),
+interrupt.py (SIGINT/SIGTERM), runtime.py (device, precision, DDP process group).
 
 One optimizer step, in this order (tests pin it):
   1. zero the grads;
@@ -17,12 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 
 from tinylm.training.batches import TokenWindows, TrainBatches, validation_batches
-from tinylm.training.checkpoint import (fingerprint, fingerprint_inputs, hash_tokens, load_checkpoint, remove_stale_temp_files, save_checkpoint)
+from tinylm.training.checkpoint import Position, RunCheckpoint, fingerprint_inputs, hash_tokens
 from tinylm.config import TrainParams
+from tinylm.training.interrupt import StopSignals
 from tinylm.training.metrics_log import MetricLog
 from tinylm.model import GPT, GPTConfig
+from tinylm.training.progress import Console, flops_per_token, model_flops_utilization
 from tinylm.training.runtime import Distributed, autocast, process_group, resolve_device, resolve_precision
 from tinylm.errors import PipelineError
 
@@ -62,20 +67,6 @@ def make_optimizer(model: GPT, train: TrainParams, device_type: str) -> torch.op
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2),
                              fused=device_type == "cuda")
-
-
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6 per weight that multiplies (every non-embedding
-    weight plus the tied head) plus attention scores and mixing, 12 * n_layer * d_model * block_size."""
-    c = model.config
-    matmul_weights = model.num_params(include_embeddings=False) + c.vocab_size * c.d_model
-    return 6 * matmul_weights + 12 * c.n_layer * c.d_model * c.block_size
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @dataclass
@@ -129,14 +120,15 @@ class Trainer:
                              * config.block_size)
         self.flops_per_token = flops_per_token(self.model)
 
-        self.fingerprint_inputs = fingerprint_inputs(
+        inputs = fingerprint_inputs(
             config, params, device_type=self.device.type, precision=self.precision,
             world_size=distributed.world_size, tokenizer_fingerprint=tokenizer_fingerprint,
             data_hashes={"train": hash_tokens(train_tokens), "val": hash_tokens(val_tokens)})
-        self.step = 0
-        self.tokens = 0
-        self.elapsed_before = 0.0
-        history = self._resume()
+        self.checkpoint = RunCheckpoint(self.checkpoint_path, inputs, model=self.model, optimizer=self.optimizer,
+                                        scaler=self.scaler, batches=self.batches, device=self.device,
+                                        distributed=distributed)
+        resumed = self.checkpoint.resume() or Position()
+        self.step, self.tokens, self.elapsed_before = resumed.step, resumed.tokens, resumed.elapsed_s
 
         self.ddp = None
         if distributed.world_size > 1:
@@ -144,53 +136,10 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         module = self.ddp or self.model
         self.module = torch.compile(module) if params.compile else module
-        self.log = MetricLog(log_dir, history, enabled=distributed.is_main)
-        self._stop_signal: int | None = None
+        self.log = MetricLog(log_dir, resumed.history, enabled=distributed.is_main)
+        self.console = Console(params, enabled=distributed.is_main)
+        self.stop_signals = StopSignals(announce=distributed.is_main)
         self._started = time.perf_counter()
-
-    # --- checkpoints -----------------------------------------------------------------------------
-
-    def _resume(self) -> list[dict[str, Any]]:
-        """Load this run's checkpoint if there is one; returns the metric history to continue."""
-        state = None
-        if self.dist.is_main:
-            remove_stale_temp_files(self.checkpoint_path)
-            state = load_checkpoint(self.checkpoint_path, self.fingerprint_inputs)
-        if self.dist.world_size > 1:  # rank 0 reads it, so nodes need no shared filesystem
-            box = [state]
-            dist.broadcast_object_list(box, src=0)
-            state = box[0]
-        if state is None:
-            return []
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.batches.load_state(state["batches"])
-        rng = state["rng"][self.dist.rank]
-        torch.set_rng_state(rng["cpu"])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        if self.dist.is_main:
-            print(f"checkpoint: resuming {self.checkpoint_path} at step {self.step}", flush=True)
-        return state["history"]
-
-    def save_checkpoint(self) -> None:
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        rng_per_rank = [rng]
-        if self.dist.world_size > 1:
-            rng_per_rank = [None] * self.dist.world_size
-            dist.all_gather_object(rng_per_rank, rng)
-        if not self.dist.is_main:
-            return
-        save_checkpoint(self.checkpoint_path, {
-            "fingerprint": fingerprint(self.fingerprint_inputs), "fingerprint_inputs": self.fingerprint_inputs,
-            "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "batches": self.batches.state(), "rng": rng_per_rank,
-            "history": self.log.history,
-        })
 
     # --- one step, evaluation --------------------------------------------------------------------
 
@@ -219,7 +168,7 @@ class Trainer:
         grad_norm = clip_grad_norm_(self.model.parameters(), self.params.grad_clip)
         # One small all-reduce: the mean loss over ranks, and whether any rank got a stop signal
         # (all ranks must stop after the same step, or the next collective would hang).
-        shared = torch.stack([loss_sum, torch.tensor(float(self._stop_signal is not None), device=self.device)])
+        shared = torch.stack([loss_sum, torch.tensor(float(self.stop_signals.requested), device=self.device)])
         if self.dist.world_size > 1:
             dist.all_reduce(shared)
         loss_total, stop_votes = shared.tolist()
@@ -262,48 +211,25 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self._started
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGINT/SIGTERM ask for a checkpoint after the current step; a second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request_stop(signum, frame):
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            if self.dist.is_main:
-                print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                      "(send it again to stop at once)", flush=True)
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def save_checkpoint(self) -> None:
+        """Collective under DDP: every rank calls it (rank 0 writes the file)."""
+        self.checkpoint.save(Position(self.step, self.tokens, self.elapsed(), self.log.history))
 
     def _log_validation(self) -> float:
         val_loss = self.evaluate()
         self.log.write(self.step, val_loss=val_loss)
-        if self.dist.is_main:
-            print(f"step {self.step:>6}/{self.params.max_steps} | val loss {val_loss:.4f}", flush=True)
+        self.console.validation(self.step, val_loss)
         return val_loss
 
     def run(self) -> TrainResult:
         p = self.params
-        if self.dist.is_main:
-            print(f"model: {self.model.num_params():,} parameters ({self.model.num_params(False):,} without "
-                  f"embeddings) | {self.device.type} {self.precision} | {self.dist.world_size} process(es) | "
-                  f"batch {self.batch_tokens:,} tokens ({p.micro_batch_size} x {p.grad_accum_steps} accumulation "
-                  f"x {self.dist.world_size} ranks x {self.model.config.block_size}) | from step {self.step}",
-                  flush=True)
+        self.console.startup(self.model, device_type=self.device.type, precision=self.precision,
+                             world_size=self.dist.world_size, batch_tokens=self.batch_tokens, step=self.step)
         self.log.summary(batch_tokens=self.batch_tokens, params=self.model.num_params(),
                          params_without_embeddings=self.model.num_params(False))
         self.model.train()
         window_time, window_steps, last_train_loss = 0.0, 0, None
-        with self._stop_on_signals():
+        with self.stop_signals:
             while self.step < p.max_steps:
                 if self.step % p.eval_interval == 0:
                     self._log_validation()
@@ -329,17 +255,15 @@ class Trainer:
 
     def _log_train(self, stats: StepStats, window_time: float, window_steps: int) -> None:
         tokens_per_s = self.batch_tokens * window_steps / window_time
-        mfu = self.flops_per_token * tokens_per_s / (self.params.peak_flops * self.dist.world_size)
+        mfu = model_flops_utilization(self.flops_per_token, tokens_per_s, self.params.peak_flops, self.dist.world_size)
         metrics = {"train_loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": self.tokens,
                    "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": self.elapsed()}
         if self.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self.log.write(stats.step, **metrics)
-        if self.dist.is_main:
-            eta = (self.params.max_steps - self.step) * window_time / window_steps
-            print(f"step {stats.step:>6}/{self.params.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.2e} | "
-                  f"grad norm {stats.grad_norm:.2f} | {tokens_per_s:,.0f} tok/s | mfu {mfu:.1%} | "
-                  f"elapsed {format_duration(self.elapsed())} | eta {format_duration(eta)}", flush=True)
+        self.console.train_step(stats.step, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
+                                tokens_per_s=tokens_per_s, mfu=mfu, elapsed_s=self.elapsed(), window_s=window_time,
+                                window_steps=window_steps)
 
 
 def train(config: GPTConfig, params: TrainParams, train_tokens: list[np.ndarray], val_tokens: list[np.ndarray],

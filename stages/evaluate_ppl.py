@@ -16,8 +16,9 @@ from tinylm.corpus.shards import load_split
 from tinylm.errors import run_stage
 from tinylm.records.io import write_record
 
-TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
-VAL_TEXT = Path("data/clean/val.txt")
+# Reads, then writes.
+MODEL, SHARDS, TOKENIZER, VAL_TEXT = (Path(p) for p in ("data/model", "data/shards", "data/tokenizer",
+                                                        "data/clean/val.txt"))
 REPORT = Path("reports/eval.json")
 
 

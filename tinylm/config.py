@@ -130,7 +130,9 @@ class ShardParams:
     workers: int
 
     def check(self, key: str) -> None:
-        _at_least(self, key, shard_tokens=1024, workers=1)
+        _require(self.shard_tokens >= 1024, f"{key}.shard_tokens",
+                 "must be >= 1024 tokens (each shard starts with a 1,024-byte header)")
+        _at_least(self, key, workers=1)
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,8 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class ReportParams:
-    """report: how much of each sample and story it shows."""
+    """report: how much of each sample it quotes, and how many tokens of the first validation story
+    its attention maps show."""
 
     sample_chars: int
     attention_tokens: int

@@ -37,19 +37,19 @@ class Source:
         return read_records(root / self.path, kind, self.stage)
 
 
-CLEAN = Source(Path("reports/clean.json"), "clean")
-PROVENANCE = Source(Path("data/raw/provenance.json"), "download")
-CLEAN_VAL = Source(Path("data/clean/val.txt"), "clean")
-TOKENIZER_REPORT = Source(Path("reports/tokenizer.json"), "train_bpe")
-TOKENIZER_DIR = Source(Path("data/tokenizer"), "train_bpe")
-SHARDS = Source(Path("reports/shards.json"), "encode_shards")
-MODEL_DIR = Source(Path("data/model"), "pretrain")
-MODEL_SUMMARY = Source(Path("data/model/model.json"), "pretrain")
-TRAIN_METRICS = Source(Path("reports/train/metrics.json"), "pretrain")
-TRAIN_PLOTS = Source(Path("reports/train/plots/metrics"), "pretrain")
-EVAL = Source(Path("reports/eval.json"), "evaluate_ppl")
-SAMPLING = Source(Path("reports/sampling.json"), "sample_sweep")
-SAMPLES = Source(Path("reports/samples.jsonl"), "sample_sweep")
+def written_by(stage: str, *paths: str) -> tuple[Source, ...]:
+    return tuple(Source(Path(path), stage) for path in paths)
+
+
+# What the report reads, grouped by the stage that writes it.
+(PROVENANCE,) = written_by("download", "data/raw/provenance.json")
+CLEAN, CLEAN_VAL = written_by("clean", "reports/clean.json", "data/clean/val.txt")
+TOKENIZER_REPORT, TOKENIZER_DIR = written_by("train_bpe", "reports/tokenizer.json", "data/tokenizer")
+(SHARDS,) = written_by("encode_shards", "reports/shards.json")
+MODEL_DIR, MODEL_SUMMARY, TRAIN_METRICS, TRAIN_PLOTS = written_by(
+    "pretrain", "data/model", "data/model/model.json", "reports/train/metrics.json", "reports/train/plots/metrics")
+(EVAL,) = written_by("evaluate_ppl", "reports/eval.json")
+SAMPLING, SAMPLES = written_by("sample_sweep", "reports/sampling.json", "reports/samples.jsonl")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from tinylm.corpus.clean import SplitReport, clean_split, digest
 from tinylm.config import load_params
 from tinylm.corpus.formats import read_raw_split, write_eot_stories
 from tinylm.errors import run_stage
-from tinylm.records.corpus import CleanReport
+from tinylm.records.clean import CleanReport
 from tinylm.records.io import write_record
 
 RAW, CLEAN = Path("data/raw"), Path("data/clean")

@@ -18,7 +18,7 @@ from tinylm.corpus.formats import EOT_LINE, iter_eot_stories
 from tinylm.tokenizer.fast_encode import ParallelEncoder, check_against_reference, encode_split
 from tinylm.corpus.shards import load_split, remove_stale_shards
 from tinylm.errors import PipelineError, run_stage
-from tinylm.records.corpus import CheckedShardSplit, ShardSplit, ShardsReport
+from tinylm.records.shards import CheckedShardSplit, ShardSplit, ShardsReport
 from tinylm.records.io import write_record
 
 CLEAN, TOKENIZER, SHARDS = Path("data/clean"), Path("data/tokenizer"), Path("data/shards")

@@ -15,7 +15,7 @@ from tinylm.corpus import formats, sources
 from tinylm.config import SplitFiles, parse_params
 from tinylm.errors import PipelineError
 from tinylm.files import sha256_file
-from tinylm.records.corpus import Provenance
+from tinylm.records.download import Provenance
 from tinylm.records.io import read_record
 
 

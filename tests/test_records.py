@@ -29,7 +29,9 @@ from tinylm.evaluate import evaluate
 from tinylm.files import write_json
 from tinylm.generation.sweep import run_sweep
 from tinylm.model import GPT, GPTConfig, load_trained_model, save_model
-from tinylm.records.corpus import CheckedShardSplit, CleanReport, CleanSplit, Provenance, ShardsReport
+from tinylm.records.clean import CleanReport, CleanSplit
+from tinylm.records.download import Provenance
+from tinylm.records.shards import CheckedShardSplit, ShardsReport
 from tinylm.records.evaluation import EvalReport
 from tinylm.records.io import plain, read_record, read_records, write_record, write_records
 from tinylm.records.model import ModelSummary

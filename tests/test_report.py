@@ -25,8 +25,10 @@ from tinylm.config import SampleParams, load_params
 from tinylm.corpus.formats import write_eot_stories
 from tinylm.evaluate import evaluate
 from tinylm.files import write_json
-from tinylm.records.corpus import (CheckedShardSplit, CleanReport, CleanSplit, DownloadedSplit, Provenance,
-                                   ShardSplit, ShardsReport, Splits)
+from tinylm.records.clean import CleanReport, CleanSplit
+from tinylm.records.download import DownloadedSplit, Provenance
+from tinylm.records.shards import CheckedShardSplit, ShardSplit, ShardsReport
+from tinylm.records.splits import Splits
 from tinylm.records.io import plain, write_record, write_records
 from tinylm.records.model import ModelSummary
 from tinylm.records.tokenizer import Compression, ExampleTokens, LearnedCompression, TokenizerReport

@@ -8,7 +8,7 @@ from importlib.metadata import packages_distributions
 
 # Required without an import: the command that runs the pipeline, and a pytest plugin (addopts -n 2).
 TOOLS = {"dvc", "pytest-xdist"}
-# Imported, and installed by a requirement's extra: hydra-core and omegaconf come with dvc[hydra].
+# Imported, and installed as dependencies of a requirement: dvc depends on hydra-core and omegaconf.
 VIA_EXTRAS = {"hydra-core": "dvc", "omegaconf": "dvc"}
 
 

@@ -16,7 +16,7 @@ from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
 from tinylm.corpus.shards import ShardError, load_split, shard_path
-from tinylm.records.corpus import ShardsReport
+from tinylm.records.shards import ShardsReport
 from tinylm.records.io import read_record
 
 SHARD_TOKENS = 4096

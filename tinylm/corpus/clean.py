@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import ftfy
 
 from tinylm.config import CleanParams
-from tinylm.records.corpus import CleanSplit
+from tinylm.records.clean import CleanSplit
 
 DROP_REASONS = ("empty", "special_token", "nontext", "too_short", "too_long", "truncated",
                 "duplicate", "val_overlap")

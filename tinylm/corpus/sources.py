@@ -27,7 +27,8 @@ from tinylm.config import DataParams, SplitFiles
 from tinylm.corpus.formats import iter_file_stories
 from tinylm.errors import PipelineError
 from tinylm.files import atomic_open, sha256_file
-from tinylm.records.corpus import DownloadedSplit, Provenance, Splits
+from tinylm.records.download import DownloadedSplit, Provenance
+from tinylm.records.splits import Splits
 from tinylm.records.io import write_record
 
 # Our split names, and the split names of the hub's layout.

@@ -18,7 +18,9 @@ from tinylm.corpus.formats import iter_eot_stories
 from tinylm.files import write_text
 from tinylm.model import load_trained_model
 from tinylm.report import figures, introspection
-from tinylm.records.corpus import CleanReport, Provenance, ShardsReport
+from tinylm.records.clean import CleanReport
+from tinylm.records.download import Provenance
+from tinylm.records.shards import ShardsReport
 from tinylm.records.evaluation import EvalReport
 from tinylm.records.model import ModelSummary
 from tinylm.records.sampling import GeneratedSample, SamplingReport

@@ -33,7 +33,7 @@ import tiktoken
 from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.tokenizer.pretokenize import PreTokenizer
 from tinylm.corpus.shards import write_split
-from tinylm.records.corpus import ShardSplit
+from tinylm.records.shards import ShardSplit
 
 # Documents per task: big enough that inter-process traffic is noise, small enough to keep all
 # workers busy and memory flat (at most 2 batches per worker are in flight).

@@ -49,7 +49,7 @@ def workspace_root(cwd: Path | None = None) -> Path:
     """The folder that relative local sources in params.yaml are written against: the repository.
 
     Stages run in the repository root, except that `dvc exp run --temp` and queued experiments
-    run them in a copy at `<repository>/.dvc/tmp/exps/[celery/]tmpXXXX`, where `../shared` would
+    run them in a copy at `<repository>/.dvc/tmp/exps/[celery/]tmp<random>`, where `../shared` would
     point inside `.dvc`. From such a copy, the repository that holds it is the root.
     """
     here = (cwd or Path.cwd()).resolve()

@@ -26,6 +26,7 @@ import torch
 
 from tinylm.config import load_params
 from tinylm.model import GPTConfig
+from tinylm.training.progress import model_flops_utilization
 from tinylm.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, seconds in best.items():
         tokens_per_s = reference.batch_tokens / seconds
-        mfu = reference.flops_per_token * tokens_per_s / first.peak_flops
+        mfu = model_flops_utilization(reference.flops_per_token, tokens_per_s, first.peak_flops, world_size=1)
         print(f"| {name} | {seconds:.3f} | {tokens_per_s:,.0f} | {mfu:.1%} | {best['eager fp32'] / seconds:.2f}x |")
     print(f"\ncheckpoint save: {best_save * 1e3:.0f} ms for {checkpoint_mb:.1f} MB = "
           f"{best_save / best['eager fp32']:.2f} eager fp32 steps; every {first.checkpoint_interval} steps "

@@ -35,13 +35,37 @@ def test_params_yaml_is_the_cpu_profile_composed(repo_root, raw):
 
 
 def test_gpu_profile_selects_gpt28m(repo_root):
-    params = parse_params(compose_params(repo_root, ["profile=gpu"]))
+    params = parse_params(compose_params(repo_root, ["profile=gpu", "recipe=baseline"]))
     assert (params.model.n_layer, params.model.n_head, params.model.block_size) == (6, 6, 256)
     assert params.tokenizer.vocab_size == 8192
     with torch.device("meta"):
         model = GPT(GPTConfig.from_params(params.model, params.tokenizer.vocab_size))
     assert 27e6 < model.num_params() < 30e6  # "gpt28m"
     assert params.train.precision == "bf16" and params.train.micro_batch_size == 64
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "tiny"])
+@pytest.mark.parametrize("recipe", ["baseline", "modern"])
+def test_every_recipe_composes_with_every_profile(repo_root, recipe, profile):
+    # The profile sizes the model (it comes last); the recipe's axes must fit any size it picks.
+    params = parse_params(compose_params(repo_root, [f"recipe={recipe}", f"profile={profile}"]))
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_params(params.model, params.tokenizer.vocab_size))
+    assert model(torch.zeros(1, 4, dtype=torch.long, device="meta")).logits.shape == (1, 4, params.tokenizer.vocab_size)
+    if profile == "gpu":
+        assert params.train.device == "cuda" and params.model.d_model == 576
+
+
+def test_the_baseline_recipe_is_the_gpt2_default_of_before_the_recipes(repo_root):
+    # `-S recipe=baseline` must reproduce the old default to the last digit: every key it had, unchanged.
+    before = yaml.safe_load((repo_root / "tests/fixtures/params_before_recipes.yaml").read_text())
+    baseline = compose_params(repo_root, ["recipe=baseline"])
+    for section, values in before.items():
+        assert {key: baseline[section][key] for key in values} == values, section
+    params = parse_params(baseline)
+    assert (params.model.positions, params.model.norm, params.model.mlp, params.train.optimizer) == (
+        "learned", "layernorm", "gelu", "adamw")
+    assert params.model.tie_embeddings and not params.model.qk_norm and not params.model.logit_softcap
 
 
 def test_hydra_override_of_one_key(repo_root):

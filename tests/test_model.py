@@ -111,10 +111,21 @@ def test_config_validation():
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, d_model=32, dropout=1.0)
     with pytest.raises(ValueError, match="n_layer"):
         GPTConfig(vocab_size=10, block_size=8, n_layer=0, n_head=4, d_model=32)
-    params = ModelParams(n_layer=3, n_head=2, d_model=16, block_size=64, dropout=0.1, bias=False)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, d_model=32, n_kv_head=3)
+    with pytest.raises(ValueError, match="even"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, d_model=12, positions="rope")
+    with pytest.raises(ValueError, match="mlp"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, d_model=32, mlp="relu")
+    params = ModelParams(n_layer=3, n_head=2, d_model=16, block_size=64, dropout=0.1, bias=False, positions="rope",
+                         rope_theta=500.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=40, qk_norm=True,
+                         tie_embeddings=False, n_kv_head=1, logit_softcap=30.0)
     config = GPTConfig.from_params(params, vocab_size=300)
     assert (config.n_layer, config.n_head, config.d_model, config.block_size, config.vocab_size) == (3, 2, 16, 64, 300)
     assert config.dropout == 0.1 and config.bias is False
+    assert (config.positions, config.rope_theta, config.norm, config.mlp, config.mlp_width) == ("rope", 500.0,
+                                                                                               "rmsnorm", "swiglu", 40)
+    assert (config.qk_norm, config.tie_embeddings, config.kv_heads, config.logit_softcap) == (True, False, 1, 30.0)
 
 
 def test_gpt2_initialisation_std():

@@ -13,7 +13,8 @@ from tinylm.model import GPT
 from tinylm.errors import PipelineError
 from tinylm.training.progress import flops_per_token
 from tinylm.training.runtime import resolve_device, resolve_precision
-from tinylm.training.trainer import lr_at, make_optimizer
+from tinylm.training.optimizers import Optimizers, muon_matrices
+from tinylm.training.trainer import lr_at
 from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
 
@@ -50,14 +51,32 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
 
 def test_weight_decay_only_on_matrices():
     model = GPT(CONFIG)
-    optimizer = make_optimizer(model, params(weight_decay=0.1), "cpu")
-    decayed, plain = optimizer.param_groups
+    optimizers = Optimizers(model, params(weight_decay=0.1), "cpu")
+    assert optimizers.muon is None
+    decayed, plain = optimizers.adamw.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
     assert any(p is model.wte.weight for p in decayed["params"])  # the tied head/embedding, once
-    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    grouped = [id(p) for g in optimizers.adamw.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(grouped) == len(set(grouped))
-    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert optimizers.adamw.defaults["betas"] == (0.9, 0.95)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    config = dataclasses.replace(CONFIG, tie_embeddings=False, positions="rope", norm="rmsnorm", mlp="swiglu")
+    model = GPT(config)
+    optimizers = Optimizers(model, params(optimizer="muon", lr=1e-3, muon_lr=0.05, muon_weight_decay=0.01), "cpu")
+    muon = [p for g in optimizers.muon.param_groups for p in g["params"]]
+    adamw = [p for g in optimizers.adamw.param_groups for p in g["params"]]
+    # Per block: the fused q/k/v and the output projection; the MLP's gate, fc and proj.
+    assert len(muon) == 5 * config.n_layer and all(p.dim() == 2 for p in muon)
+    assert {id(p) for p in muon} == {id(p) for p in muon_matrices(model)}
+    assert {id(p) for p in adamw} == {id(p) for p in model.parameters()} - {id(p) for p in muon}
+    assert any(p is model.wte.weight for p in adamw) and any(p is model.lm_head.weight for p in adamw)
+    assert optimizers.muon.defaults["weight_decay"] == 0.01
+    optimizers.set_lr(2e-4)  # the schedule's AdamW lr; Muon's is scaled by muon_lr / lr (0.05 / 1e-3)
+    assert all(g["lr"] == 2e-4 for g in optimizers.adamw.param_groups)
+    assert optimizers.muon.param_groups[0]["lr"] == pytest.approx(1e-2)
 
 
 def test_flops_per_token_counts_six_per_matmul_weight_plus_attention():

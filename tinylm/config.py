@@ -137,7 +137,7 @@ class ShardParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    """pretrain: the model's shape."""
+    """pretrain: the model's shape and architecture (tinylm/model.py describes each axis)."""
 
     n_layer: int
     n_head: int
@@ -145,6 +145,15 @@ class ModelParams:
     block_size: int
     dropout: float
     bias: bool
+    positions: Literal["learned", "rope"]
+    rope_theta: float
+    norm: Literal["layernorm", "rmsnorm"]
+    mlp: Literal["gelu", "swiglu", "relu2"]
+    mlp_hidden: int  # 0: 4 x d_model (gelu, relu2), or SwiGLU's width at the same parameter count
+    qk_norm: bool
+    tie_embeddings: bool
+    n_kv_head: int  # 0: n_head (multi-head attention); 1: multi-query attention
+    logit_softcap: float  # 0: off
 
     def check(self, key: str) -> None:
         _at_least(self, key, n_layer=1, n_head=1, d_model=1)
@@ -152,6 +161,12 @@ class ModelParams:
                  f"must be divisible by model.n_head ({self.d_model} % {self.n_head} != 0)")
         _at_least(self, key, block_size=2)
         _require(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+        _require(self.positions != "rope" or (self.d_model // self.n_head) % 2 == 0, f"{key}.positions",
+                 f"rope needs an even head size, but model.d_model / model.n_head = {self.d_model // self.n_head}")
+        _require(self.rope_theta > 1, f"{key}.rope_theta", "must be > 1 (10000 is the usual base)")
+        _at_least(self, key, mlp_hidden=0, n_kv_head=0, logit_softcap=0)
+        _require(self.n_kv_head == 0 or self.n_head % self.n_kv_head == 0, f"{key}.n_kv_head",
+                 f"must divide model.n_head ({self.n_head}), or be 0 for one key/value head per query head")
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,12 @@ class TrainParams:
     weight_decay: float
     beta1: float
     beta2: float
+    # Muon (train.optimizer: muon) orthogonalises the updates of the blocks' 2-D weight matrices;
+    # AdamW (lr, weight_decay, betas above) keeps the embeddings, the head, norm gains and biases.
+    optimizer: Literal["adamw", "muon"]
+    muon_lr: float
+    muon_momentum: float
+    muon_weight_decay: float
     grad_clip: float
     eval_interval: int
     eval_batches: int
@@ -188,6 +209,9 @@ class TrainParams:
         _at_least(self, key, weight_decay=0)
         _require(0 <= self.beta1 < 1, f"{key}.beta1", "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, f"{key}.beta2", "must be in [0, 1)")
+        _require(self.muon_lr > 0, f"{key}.muon_lr", "must be > 0")
+        _require(0 <= self.muon_momentum < 1, f"{key}.muon_momentum", "must be in [0, 1)")
+        _at_least(self, key, muon_weight_decay=0)
         _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
         _require(self.peak_flops > 0, f"{key}.peak_flops", "must be > 0 (FLOP/s of the device, for MFU)")
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 class ModelSummary:
     """data/model/model.json, also stored as model.pt's `extra`."""
 
-    config: dict[str, int | float | bool]  # tinylm.model.GPTConfig's fields (a dict: that module imports torch)
-    params: int  # the tied LM head counted once
+    config: dict[str, int | float | bool | str]  # tinylm.model.GPTConfig's fields (a dict: that module imports torch)
+    params: int  # a tied LM head counted once
     params_without_embeddings: int
     steps: int
     tokens_trained: int

@@ -1,10 +1,11 @@
 """What the report shows from inside a trained GPT: attention probabilities and weight matrices.
 
 The model computes attention with `F.scaled_dot_product_attention`, which never materialises the
-probabilities. So forward pre-hooks catch each attention module's input (the block's LayerNorm
-output) during one ordinary forward, and the probabilities are recomputed from it with the
-module's own q/k projection: softmax(q k^T / sqrt(head_dim)) under the causal mask, exactly the
-math the fused kernel does. The model's code is left untouched.
+probabilities. So forward pre-hooks catch each attention module's input (the block's norm output)
+during one ordinary forward, and the probabilities are recomputed from it with the module's own
+queries and keys (its projection, QK-norm and rotary positions, each key/value head repeated for
+the query heads that share it): softmax(q k^T / sqrt(head_dim)) under the causal mask, exactly
+the math the fused kernel does. The model's code is left untouched.
 """
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ import torch
 
 from tinylm.model import GPT, CausalSelfAttention
 
-# The per-layer matrices, in the order a token's residual stream meets them.
-LAYER_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc", "mlp.proj")
+
+def layer_matrices(model: GPT) -> tuple[str, ...]:
+    """The per-layer matrices, in the order a token's residual stream meets them."""
+    mlp = ("mlp.gate", "mlp.fc", "mlp.proj") if model.config.mlp == "swiglu" else ("mlp.fc", "mlp.proj")
+    return ("attn.q", "attn.k", "attn.v", "attn.proj", *mlp)
 
 
-def _attention_from_input(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+def _attention_from_input(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
     """Probabilities [B, n_head, T, T] that `attn` assigns when its input is x [B, T, d_model]."""
-    B, T, C = x.shape
-    q, k, _ = attn.qkv(x).split(C, dim=2)
-    q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // attn.n_head)
+    T = x.shape[1]
+    q, k, _ = attn.queries_keys_values(x, model.rotary_at(0, T))
+    k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)  # query head h reads kv head h // group
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
@@ -48,30 +52,33 @@ def attention_probabilities(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    probs = [_attention_from_input(block.attn, x.float())[0] for block, x in zip(model.blocks, inputs)]
+    probs = [_attention_from_input(model, block.attn, x.float())[0] for block, x in zip(model.blocks, inputs)]
     return torch.stack(probs).cpu()
 
 
 @dataclass(frozen=True)
 class WeightMatrix:
-    name: str  # one of LAYER_MATRICES, or "wte" / "wpe"
-    layer: int | None  # None for the embeddings, which belong to no layer
+    name: str  # one of layer_matrices(model), or "wte" / "wpe" / "lm_head"
+    layer: int | None  # None for the embeddings and the head, which belong to no layer
     weight: torch.Tensor  # [out, in] as the module applies it (a view of the model's parameter)
 
 
 def weight_matrices(model: GPT) -> list[WeightMatrix]:
-    """Every 2-D weight: the embeddings, then per layer q, k, v (the three thirds of the fused
-    qkv projection, each its own linear map), the attention output, the MLP's two matrices.
-    The LM head is the token embedding (tied), so it is not listed twice."""
-    d = model.config.d_model
-    matrices = [WeightMatrix("wte", None, model.wte.weight.detach()),
-                WeightMatrix("wpe", None, model.wpe.weight.detach())]
+    """Every 2-D weight: the embeddings (and an untied LM head), then per layer q, k, v (the parts
+    of the fused qkv projection, each its own linear map), the attention output, the MLP's matrices.
+    A tied LM head is the token embedding, so it is not listed twice."""
+    matrices = [WeightMatrix("wte", None, model.wte.weight.detach())]
+    if model.wpe is not None:
+        matrices.append(WeightMatrix("wpe", None, model.wpe.weight.detach()))
+    if not model.config.tie_embeddings:
+        matrices.append(WeightMatrix("lm_head", None, model.lm_head.weight.detach()))
     for layer, block in enumerate(model.blocks):
-        qkv = block.attn.qkv.weight.detach()
-        by_name = {"attn.q": qkv[:d], "attn.k": qkv[d:2 * d], "attn.v": qkv[2 * d:],
-                   "attn.proj": block.attn.proj.weight.detach(), "mlp.fc": block.mlp.fc.weight.detach(),
-                   "mlp.proj": block.mlp.proj.weight.detach()}
-        matrices += [WeightMatrix(name, layer, by_name[name]) for name in LAYER_MATRICES]
+        q, k, v = block.attn.qkv.weight.detach().split(block.attn.split_sizes, dim=0)
+        by_name = {"attn.q": q, "attn.k": k, "attn.v": v, "attn.proj": block.attn.proj.weight.detach(),
+                   "mlp.fc": block.mlp.fc.weight.detach(), "mlp.proj": block.mlp.proj.weight.detach()}
+        if block.mlp.gate is not None:
+            by_name["mlp.gate"] = block.mlp.gate.weight.detach()
+        matrices += [WeightMatrix(name, layer, by_name[name]) for name in layer_matrices(model)]
     return matrices
 
 
@@ -81,8 +88,8 @@ def spectral_norm(weight: torch.Tensor) -> float:
 
 
 def spectral_norms(model: GPT) -> dict[str, list[float]]:
-    """Per matrix name in LAYER_MATRICES, the spectral norm of that matrix in each layer."""
-    norms: dict[str, list[float]] = {name: [] for name in LAYER_MATRICES}
+    """Per matrix name in layer_matrices(model), the spectral norm of that matrix in each layer."""
+    norms: dict[str, list[float]] = {name: [] for name in layer_matrices(model)}
     for matrix in weight_matrices(model):
         if matrix.layer is not None:
             norms[matrix.name].append(spectral_norm(matrix.weight))

@@ -109,19 +109,32 @@ def tokenizer_section(report: Report, stats: TokenizerReport, d_model: int) -> N
                    "")
 
 
+def architecture(config: dict) -> str:
+    """One sentence naming the model's architecture axes (tinylm/model.py), from its saved config."""
+    positions = "rotary positions" if config["positions"] == "rope" else "learned positions"
+    mlp = {"gelu": "GELU MLP", "swiglu": "SwiGLU MLP", "relu2": "ReLU² MLP"}[config["mlp"]]
+    norm = "RMSNorm" if config["norm"] == "rmsnorm" else "LayerNorm"
+    parts = [f"pre-{norm} blocks", positions, mlp,
+             "LM head tied to the token embedding" if config["tie_embeddings"] else "untied LM head"]
+    if config["qk_norm"]:
+        parts.append("QK-norm")
+    if config["n_kv_head"] and config["n_kv_head"] != config["n_head"]:
+        parts.append(f"grouped-query attention ({config['n_kv_head']} key/value heads for {config['n_head']} "
+                     "query heads)")
+    if config["logit_softcap"]:
+        parts.append(f"logits soft-capped at ±{config['logit_softcap']:g}")
+    return f"A decoder-only transformer: {', '.join(parts)}."
+
+
 def model_section(report: Report, summary: ModelSummary, shards: ShardsReport, batch_tokens: int) -> None:
     config = summary.config
     params, params_no_emb, tokens = summary.params, summary.params_without_embeddings, summary.tokens_trained
     per_param = tokens / params
     optimal = CHINCHILLA_TOKENS_PER_PARAM * params
-    report.add("## Model", "",
-               "A GPT-2 style decoder: pre-LayerNorm blocks, learned positions, GELU MLP, LM head tied to the "
-               "token embedding.", "")
-    report.add(*table(["setting", "value"], [[name, config[name]] for name in
-                                             ("vocab_size", "block_size", "n_layer", "n_head", "d_model",
-                                              "dropout", "bias")]))
+    report.add("## Model", "", architecture(config), "")
+    report.add(*table(["setting", "value"], [[name, value] for name, value in config.items()]))
     report.add(*table(["quantity", "value"], [
-        ["parameters (with embeddings; tied head counted once)", count(params)],
+        ["parameters (with embeddings; a tied head counted once)", count(params)],
         ["parameters without embeddings (token and position)", count(params_no_emb)],
         ["optimizer steps", count(summary.steps)],
         ["tokens per step", count(batch_tokens)],
@@ -270,21 +283,22 @@ def inside_section(report: Report, root: Path, attention_tokens: int) -> None:
     matrices = introspection.weight_matrices(model)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for m in matrices:
-        title = {"wte": "wte (tokens; = LM head)", "wpe": "wpe (position embedding)"}.get(m.name, m.name)
+        title = {"wte": "wte (tokens; = LM head)" if model.config.tie_embeddings else "wte (tokens)",
+                 "wpe": "wpe (position embedding)", "lm_head": "lm_head (untied LM head)"}.get(m.name, m.name)
         series = f"layer {m.layer}" if m.layer is not None else m.name
         groups.setdefault(title, {})[series] = m.weight.flatten().float().numpy()
-    report.add("Weights: one histogram per matrix kind and layer (q, k and v are the thirds of the fused qkv "
+    report.add("Weights: one histogram per matrix kind and layer (q, k and v are the parts of the fused qkv "
                "projection). Spectral norm = the largest singular value, the most a matrix can stretch a vector; "
                "a layer whose norms grow far beyond the others amplifies its input.", "")
     report.figure("weight_histograms", figures.weight_histograms(groups), "Weight histograms per matrix and layer")
     norms = introspection.spectral_norms(model)
     report.figure("spectral_norms", figures.spectral_norm_chart(norms),
                   "Spectral norm of each weight matrix per layer")
-    report.add(*table(["layer", *introspection.LAYER_MATRICES],
-                      [[layer, *(number(norms[name][layer], 3) for name in introspection.LAYER_MATRICES)]
-                       for layer in range(model.config.n_layer)]))
-    embeddings = {m.name: introspection.spectral_norm(m.weight) for m in matrices if m.layer is None}
-    report.add(f"Embeddings: wte {number(embeddings['wte'], 3)}, wpe {number(embeddings['wpe'], 3)}.", "")
+    report.add(*table(["layer", *norms], [[layer, *(number(values[layer], 3) for values in norms.values())]
+                                          for layer in range(model.config.n_layer)]))
+    outside = ", ".join(f"{m.name} {number(introspection.spectral_norm(m.weight), 3)}" for m in matrices
+                        if m.layer is None)
+    report.add(f"Embeddings and head: {outside}.", "")
 
 
 # ---------------------------------------------------------------------------------------------

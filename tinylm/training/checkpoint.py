@@ -1,9 +1,9 @@
 """Resume checkpoints: what one holds, atomic writes, and a fingerprint that decides whether one may
 be resumed.
 
-A checkpoint holds the whole training state: the weights, the AdamW moments, the GradScaler, the
-batch generator, every rank's CPU and CUDA RNG state (dropout draws differ across ranks), the step,
-tokens and seconds so far, and the metric history. `RunCheckpoint` captures it from the live
+A checkpoint holds the whole training state: the weights, the AdamW moments and Muon's momentum,
+the GradScaler, the batch generator, every rank's CPU and CUDA RNG state (dropout draws differ
+across ranks), the step, tokens and seconds so far, and the metric history. `RunCheckpoint` captures it from the live
 objects and restores it into them; restoring all of it makes a resumed run draw exactly the batches
 and dropout masks an uninterrupted run would have, so it ends with the same weights.
 
@@ -40,9 +40,10 @@ from tinylm.config import TrainParams
 from tinylm.files import atomic_path
 from tinylm.model import GPT, GPTConfig
 from tinylm.training.batches import TrainBatches
+from tinylm.training.optimizers import Optimizers
 from tinylm.training.runtime import Distributed
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the optimizer state is a dict per optimizer (AdamW, Muon)
 NOT_IN_FINGERPRINT = ("checkpoint_interval", "compile", "activation_checkpointing")
 
 
@@ -140,7 +141,7 @@ class RunCheckpoint:
     file, so the nodes need no shared filesystem, and each rank's RNG state travels through rank 0.
     """
 
-    def __init__(self, path: str | Path, inputs: dict[str, Any], *, model: GPT, optimizer: torch.optim.Optimizer,
+    def __init__(self, path: str | Path, inputs: dict[str, Any], *, model: GPT, optimizer: Optimizers,
                  scaler: torch.amp.GradScaler, batches: TrainBatches, device: torch.device,
                  distributed: Distributed):
         """`inputs` are this run's fingerprint inputs (`fingerprint_inputs`); `model` is the bare model,

@@ -17,9 +17,11 @@ from tinylm.model import GPT
 
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token (PaLM appendix B): 6 per weight that multiplies (every non-embedding
-    weight plus the tied head) plus attention scores and mixing, 12 * n_layer * d_model * block_size."""
+    weight, and the head, which a tied model counts among the embeddings) plus attention scores and
+    mixing, 12 * n_layer * d_model * block_size."""
     c = model.config
-    matmul_weights = model.num_params(include_embeddings=False) + c.vocab_size * c.d_model
+    tied_head = c.vocab_size * c.d_model if c.tie_embeddings else 0
+    matmul_weights = model.num_params(include_embeddings=False) + tied_head
     return 6 * matmul_weights + 12 * c.n_layer * c.d_model * c.block_size
 
 

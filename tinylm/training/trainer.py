@@ -1,11 +1,13 @@
-"""The pretraining loop: AdamW with warmup + cosine lr, gradient accumulation, mixed precision and
-DDP; validation every train.eval_interval steps, metrics every train.log_interval, and a checkpoint
-every train.checkpoint_interval, at the end, and when a signal asks the run to stop.
+"""The pretraining loop: AdamW (or Muon beside it) with warmup + cosine lr, gradient accumulation,
+mixed precision and DDP; validation every train.eval_interval steps, metrics every
+train.log_interval, and a checkpoint every train.checkpoint_interval, at the end, and when a signal
+asks the run to stop.
 
 The `Trainer` owns the optimizer step, evaluation and the loop; the pieces it drives live beside it:
-batches.py (what each step trains on), checkpoint.py (what a checkpoint holds, saving and resuming
-it), metrics_log.py (the metric rows and dvclive), progress.py (the console lines and MFU),
-interrupt.py (SIGINT/SIGTERM), runtime.py (device, precision, DDP process group).
+batches.py (what each step trains on), optimizers.py (AdamW, or Muon for the hidden matrices),
+checkpoint.py (what a checkpoint holds, saving and resuming it), metrics_log.py (the metric rows and
+dvclive), progress.py (the console lines and MFU), interrupt.py (SIGINT/SIGTERM), runtime.py
+(device, precision, DDP process group).
 
 One optimizer step, in this order (tests pin it):
   1. zero the grads;
@@ -38,6 +40,7 @@ from tinylm.training.checkpoint import Position, RunCheckpoint, fingerprint_inpu
 from tinylm.config import TrainParams
 from tinylm.training.interrupt import StopSignals
 from tinylm.training.metrics_log import MetricLog
+from tinylm.training.optimizers import Optimizers
 from tinylm.model import GPT, GPTConfig
 from tinylm.training.progress import Console, flops_per_token, model_flops_utilization
 from tinylm.training.runtime import Distributed, autocast, process_group, resolve_device, resolve_precision
@@ -58,15 +61,6 @@ def lr_at(step: int, train: TrainParams) -> float:
         return train.lr * (step + 1) / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (train.lr - train.min_lr)
-
-
-def make_optimizer(model: GPT, train: TrainParams, device_type: str) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (>= 2-D: linear weights, embeddings), not biases or LayerNorms."""
-    params = list(model.parameters())  # a tied tensor appears once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2),
-                             fused=device_type == "cuda")
 
 
 @dataclass
@@ -107,7 +101,7 @@ class Trainer:
         self.model = GPT(config).to(self.device)
         self.model.activation_checkpointing = params.activation_checkpointing
         torch.manual_seed(params.seed + distributed.rank)  # dropout differs across ranks
-        self.optimizer = make_optimizer(self.model, params, self.device.type)
+        self.optimizer = Optimizers(self.model, params, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         train_windows = TokenWindows(train_tokens, config.block_size, "train")
@@ -153,7 +147,7 @@ class Trainer:
 
     def train_step(self) -> StepStats:
         step = self.step
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         micro_batches = self.batches.next_step()
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
@@ -164,7 +158,7 @@ class Trainer:
                     loss = self.module(self._to_device(x), self._to_device(y)).loss / len(micro_batches)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        self.scaler.unscale_(self.optimizer)
+        self.optimizer.unscale(self.scaler)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.params.grad_clip)
         # One small all-reduce: the mean loss over ranks, and whether any rank got a stop signal
         # (all ranks must stop after the same step, or the next collective would hang).
@@ -180,10 +174,8 @@ class Trainer:
                 f"The last good checkpoint {self.checkpoint_path} is kept. Fix: lower train.lr or raise "
                 "train.warmup_steps in params.yaml.")
         lr = lr_at(step, self.params)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.optimizer.set_lr(lr)
+        self.optimizer.step(self.scaler)
         self.step += 1
         self.tokens += self.batch_tokens
         return StepStats(step, loss_value, grad_norm_value, lr, stop_votes > 0)

@@ -26,11 +26,11 @@ SINGLE_PARAMS = params(micro_batch_size=2, grad_accum_steps=4, max_steps=10, eva
 # Muon, whose update of the all-reduced gradient must be the same on every rank and the same as one
 # process's. torch.optim.Muon orthogonalises in bfloat16, whose rounding (one ulp is 0.4%) turns the
 # last-bit difference of an all-reduced gradient into a slightly different update: measured 1.1e-4
-# in the train loss over 10 steps, hence Muon's looser bound.
+# in the train loss and 2.7e-3 in the grad norm (of ~1.5) over 10 steps, hence Muon's looser bound.
 MODERN = dataclasses.replace(CONFIG, positions="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
 SETUPS = {
     "adamw": (CONFIG, {}, 1e-4),
-    "muon": (MODERN, {"optimizer": "muon"}, 1e-3),
+    "muon": (MODERN, {"optimizer": "muon"}, 5e-3),
 }
 
 

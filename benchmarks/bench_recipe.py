@@ -41,6 +41,8 @@ from tinylm.tokenizer.bpe import load_tokenizer
 from tinylm.training.progress import format_duration
 from tinylm.training.trainer import Trainer
 
+from bench_train import make_trainer, seconds_per_step  # the same timed step as the throughput benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {"baseline": ["recipe=baseline"], "modern": ["recipe=modern"]}
 # Each axis alone on top of the GPT-2 baseline, as the ablation's `dvc exp run -S` flags set it.
@@ -87,15 +89,11 @@ def step_times(steps: int, rounds: int) -> None:
             params = composed(["recipe=baseline", *overrides])
             train = dataclasses.replace(params.train, max_steps=10**6)
             config = GPTConfig.from_params(params.model, params.tokenizer.vocab_size)
-            trainers[name] = Trainer(config, train, tokens, tokens, checkpoint_path=Path(tmp) / name / "last.pt",
-                                     log_dir=Path(tmp) / name / "reports", tokenizer_fingerprint="0" * 64)
+            trainers[name] = make_trainer(Path(tmp), name.replace(" ", "_"), config, train, tokens)
             trainers[name].train_step()  # first-step allocations (and Muon's one-off setup) left out
         for _ in range(rounds):
             for name, trainer in trainers.items():
-                started = time.perf_counter()
-                for _ in range(steps):
-                    trainer.train_step()
-                best[name] = min(best[name], (time.perf_counter() - started) / steps)
+                best[name] = min(best[name], seconds_per_step(trainer, steps))
     print("\n| axis alone | s/step | vs baseline |\n|---|---|---|")
     for name, seconds in best.items():
         print(f"| {name} | {seconds:.3f} | {seconds / best['baseline']:.2f}x |")

@@ -34,7 +34,7 @@ from tinylm.records.model import ModelSummary
 from tinylm.records.tokenizer import Compression, ExampleTokens, LearnedCompression, TokenizerReport
 from tinylm.training.metrics_log import MetricLog
 from tinylm.model import GPT, GPTConfig, save_model
-from tinylm.report.sections import REPORT, build_report, escape, write_report
+from tinylm.report.sections import REPORT, architecture, build_report, escape, write_report
 from tinylm.errors import PipelineError
 from tinylm.generation.sweep import run_sweep
 
@@ -290,3 +290,16 @@ def test_stage_script_writes_the_report_or_exits_2_with_the_error(pipeline, repo
     done = subprocess.run([sys.executable, script], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "## Inside the model" in (root / REPORT).read_text(encoding="utf-8")
+
+
+def test_the_model_section_names_every_architecture_axis_from_the_saved_config():
+    gpt2 = dataclasses.asdict(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=4, d_model=16))
+    assert architecture(gpt2) == ("A decoder-only transformer: pre-LayerNorm blocks, learned positions, "
+                                           "GELU MLP, LM head tied to the token embedding.")
+    modern = dataclasses.asdict(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=4, d_model=16,
+                                          positions="rope", norm="rmsnorm", mlp="relu2", qk_norm=True,
+                                          tie_embeddings=False, n_kv_head=2, logit_softcap=15.0))
+    described = architecture(modern)
+    for phrase in ("pre-RMSNorm", "rotary positions", "ReLU² MLP", "untied LM head", "QK-norm",
+                   "2 key/value heads for 4 query heads", "soft-capped at ±15"):
+        assert phrase in described

@@ -34,7 +34,9 @@ def imported_modules(repo_root) -> set[str]:
                     modules |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     modules.add(node.module.split(".")[0])
-    local = {"tinylm", "conftest", "trainer_helpers"} | {p.stem for p in (repo_root / "tests").glob("*.py")}
+    # Test modules and benchmark scripts import their neighbours from their own folder.
+    local = {"tinylm", "conftest", "trainer_helpers"} | {p.stem for folder in ("tests", "benchmarks")
+                                                         for p in (repo_root / folder).glob("*.py")}
     return {m for m in modules - local if m not in sys.stdlib_module_names}
 
 

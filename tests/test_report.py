@@ -295,7 +295,7 @@ def test_stage_script_writes_the_report_or_exits_2_with_the_error(pipeline, repo
 def test_the_model_section_names_every_architecture_axis_from_the_saved_config():
     gpt2 = dataclasses.asdict(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=4, d_model=16))
     assert architecture(gpt2) == ("A decoder-only transformer: pre-LayerNorm blocks, learned positions, "
-                                           "GELU MLP, LM head tied to the token embedding.")
+                                  "GELU MLP, LM head tied to the token embedding.")
     modern = dataclasses.asdict(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=4, d_model=16,
                                           positions="rope", norm="rmsnorm", mlp="relu2", qk_norm=True,
                                           tie_embeddings=False, n_kv_head=2, logit_softcap=15.0))

@@ -2,8 +2,9 @@
 
 Resumes from the scratch checkpoint checkpoints/pretrain/last.pt when it belongs to this run
 (see tinylm/training/checkpoint.py for why it lives outside DVC's outputs) and deletes it after success.
-Multi-process: `torchrun --nproc_per_node=2 stages/pretrain.py` (gloo on CPU, NCCL on CUDA);
-rank 0 alone writes the outputs.
+dvc.yaml runs it under torchrun with train.nproc_per_node processes on each of train.nnodes nodes (gloo
+on CPU, NCCL on CUDA); the launch must match those params. One process per node (local rank 0) writes
+the outputs into its node's workspace.
 """
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tinylm.corpus.shards import load_split
 from tinylm.errors import run_stage
 from tinylm.records.io import plain, write_record
 from tinylm.records.model import ModelSummary
+from tinylm.training.runtime import Distributed, check_launch
 from tinylm.training.trainer import train
 
 TOKENIZER, SHARDS, MODEL = Path("data/tokenizer"), Path("data/shards"), Path("data/model")
@@ -24,12 +26,13 @@ REPORTS = Path("reports/train")
 
 def main() -> None:
     params = load_params()
+    check_launch(params.train, Distributed.from_env())
     tokenizer = load_tokenizer(TOKENIZER)
     train_tokens, val_tokens = (load_split(SHARDS, split, tokenizer.fingerprint) for split in ("train", "val"))
     config = GPTConfig.from_params(params.model, tokenizer.vocab_size)
     result = train(config, params.train, train_tokens, val_tokens, checkpoint_path=CHECKPOINT,
                    log_dir=REPORTS, tokenizer_fingerprint=tokenizer.fingerprint)
-    if not result.is_main:
+    if not result.writes_outputs:
         return
     summary = ModelSummary(
         config=to_dict(config),

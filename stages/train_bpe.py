@@ -1,7 +1,8 @@
 """train_bpe stage: learn our byte-level BPE on the clean train split, write data/tokenizer/.
 
 Also writes reports/tokenizer.json (DVC metrics): train time, bytes per token on the validation
-split, and the comparisons of tinylm/tokenizer/compare.py (HF tokenizers, GPT-2, other vocab sizes).
+split, and the comparisons of tinylm/tokenizer/compare.py (HF tokenizers, GPT-2, other vocab sizes),
+which train on at most `tokenizer.compare_max_bytes` of the stories.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def main() -> None:
     print(f"trained {tokenizer.vocab_size} tokens ({len(merges)} merges) in {train_seconds:.2f}s -> {OUT_DIR}")
 
     report = tokenizer_report(tokenizer, train_seconds, TRAIN, VAL.read_text(encoding="utf-8"),
-                              params.compare_vocab_sizes, params.workers)
+                              params.compare_vocab_sizes, params.compare_max_bytes, params.workers)
     write_record(REPORT, report)
     print(f"validation: {report.val_bytes_per_token} bytes/token -> {REPORT}")
 

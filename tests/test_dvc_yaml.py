@@ -3,6 +3,7 @@ so DVC reruns a stage when (and only when) one of them changes."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,20 @@ import yaml
 # validates params.yaml, whose values DVC tracks key by key; errors only words messages.
 NOT_DEPENDENCIES = {"tinylm/config.py", "tinylm/errors.py"}
 # Knobs that change how a stage runs but no byte it writes (tests/test_execution_only.py proves it).
-EXECUTION_ONLY = {"tokenizer.workers", "shards.workers", "train.checkpoint_interval",
+EXECUTION_ONLY = {"clean.workers", "tokenizer.workers", "shards.workers", "train.checkpoint_interval",
                   "train.activation_checkpointing"}
+# pretrain runs its script under torchrun (after validating params.yaml); the others with plain python.
+LAUNCHERS = {"pretrain": "python -m torch.distributed.run "}
+
+
+def commands(stage: dict) -> list[str]:
+    return stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+
+
+def templated_params(stage: dict) -> set[str]:
+    """The params interpolated into a stage's cmd (`${train.nnodes}`). dvc.lock records the resolved cmd, so
+    changing one reruns the stage as a declared param would."""
+    return {key for command in commands(stage) for key in re.findall(r"\$\{([\w.]+)\}", command)}
 
 
 def module_path(name: str, root: Path) -> str | None:
@@ -54,7 +67,8 @@ def stages(repo_root):
 
 def test_every_stage_declares_exactly_the_code_it_runs(stages, repo_root):
     for name, stage in stages.items():
-        assert stage["cmd"] == f"python stages/{name}.py"
+        script = commands(stage)[-1]
+        assert script.startswith(LAUNCHERS.get(name, "python ")) and script.endswith(f" stages/{name}.py"), script
         declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
         expected = expected_code(name, repo_root)
         assert declared == expected, (f"{name}: add to its deps in dvc.yaml {sorted(expected - declared)}, "
@@ -100,9 +114,17 @@ def test_every_param_is_declared_by_a_stage_or_is_execution_only(stages, repo_ro
     params = leaf_keys(yaml.safe_load((repo_root / "params.yaml").read_text()))
     declared: set[str] = set()
     for stage in stages.values():
-        for key in stage.get("params", []):
+        for key in [*stage.get("params", []), *templated_params(stage)]:
             declared |= {p for p in params if p == key or p.startswith(f"{key}.")}
     assert EXECUTION_ONLY <= params
     assert not declared & EXECUTION_ONLY, f"execution-only params declared: {sorted(declared & EXECUTION_ONLY)}"
     untracked = params - declared - EXECUTION_ONLY
     assert not untracked, f"params no stage declares (DVC would not rerun on a change): {sorted(untracked)}"
+
+
+def test_pretrain_launches_with_the_launch_params_only_through_its_cmd(stages, repo_root):
+    params = leaf_keys(yaml.safe_load((repo_root / "params.yaml").read_text()))
+    launch = {"train.nproc_per_node", "train.nnodes", "train.rdzv_endpoint"}
+    assert templated_params(stages["pretrain"]) == launch <= params
+    # Listing them under params: too would only record each twice in dvc.lock.
+    assert not launch & set(stages["pretrain"]["params"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from tinylm.corpus.formats import iter_eot_stories
 from tinylm.model import save_model
 from trainer_helpers import CONFIG, logged, params, run
 
@@ -96,3 +97,22 @@ def test_shard_workers_leave_the_shards_and_their_report_unchanged(tmp_path, rep
     assert shards and shards == tree_bytes(two / "data/shards")
     reports = [json.loads((w / "reports/shards.json").read_text()) for w in (one, two)]
     assert without_timings(reports[0]) == without_timings(reports[1])
+
+
+@pytest.mark.slow
+def test_clean_workers_leave_the_clean_text_and_its_report_unchanged(tmp_path, repo_root, shared_dir):
+    outputs = []
+    for workers in (1, 2, 3):
+        workdir = tmp_path / f"clean{workers}"
+        (workdir / "data/raw").mkdir(parents=True)
+        # The whole samples, as download writes them: ~18 chunks of work for the train split.
+        for split, name in (("train", "TinyStories-train-sample.txt"), ("val", "TinyStories-valid-sample.txt")):
+            stories = iter_eot_stories(shared_dir / "data/tinystories" / name)
+            (workdir / f"data/raw/{split}.jsonl").write_text(
+                "".join(json.dumps({"text": story}, ensure_ascii=False) + "\n" for story in stories), encoding="utf-8")
+        raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+        raw["clean"]["workers"] = workers
+        (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        run_stage("clean", workdir, repo_root)
+        outputs.append((tree_bytes(workdir / "data/clean"), (workdir / "reports/clean.json").read_bytes()))
+    assert outputs[0][0] and outputs[0] == outputs[1] == outputs[2]

@@ -75,10 +75,13 @@ def test_the_trainers_muon_step_orthogonalises_the_mlp_matrices(tmp_path):
         # torch's "original" adjustment scales a tall matrix's step by sqrt(rows / cols).
         singular = torch.linalg.svdvals((old - p.detach()) / (muon_lr * math.sqrt(max(1, rows / cols))))
         assert singular.max() <= BAND[1], names[id(p)]  # no direction moves by more than ~lr
-        if ".mlp." in names[id(p)]:
-            # The MLP's gradients are well spread, so every direction moves by about lr. (The attention
-            # matrices at init have nearly rank-deficient gradients: those directions stay small.)
-            assert singular.min() >= BAND[0], names[id(p)]
+        # Every direction the gradient has moves by about lr, however small its share of the gradient:
+        # Newton-Schulz lifts a singular value of 1% of the gradient's norm into the band. (Directions
+        # far below that, as in the attention matrices at init, stay small: they are not asserted.)
+        gradient = torch.linalg.svdvals(p.grad)
+        present = int((gradient >= 0.01 * gradient.norm()).sum())
+        assert present >= min(rows, cols) // 2 or ".attn." in names[id(p)], names[id(p)]  # the check has teeth
+        assert singular[:present].min() >= BAND[0], names[id(p)]
     assert not torch.equal(adamw_before, trainer.model.wte.weight)  # AdamW moved the rest
 
 

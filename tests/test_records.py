@@ -120,7 +120,7 @@ def produced(clean_dir, params, tokenizer, model, shared_dir) -> dict[str, tuple
 
     val_text = (clean_dir / "clean/val.txt").read_text(encoding="utf-8")
     stats = tokenizer_report(tokenizer, 0.125, clean_dir / "clean/train.txt", val_text, [256, 300],
-                             log=lambda _: None)
+                             compare_max_bytes=10_000, log=lambda _: None)
     evaluation = evaluate(model, tokens(clean_dir, tokenizer, "val")[:100], [tokens(clean_dir, tokenizer, "train")],
                           tokenizer, stride=8, batch_size=4, init_seed=0)
     _, sampling = sweep(model, tokenizer)

@@ -72,7 +72,7 @@ def make_pipeline_outputs(root: Path, shared_dir: Path) -> dict:
     tokenizer.save(root / "data/tokenizer")
     write_record(root / "reports/tokenizer.json", TokenizerReport(
         vocab_size=tokenizer.vocab_size, num_merges=len(merges), train_seconds=0.25, val_tokens=999,
-        val_bytes_per_token=2.7182, fingerprint=tokenizer.fingerprint,
+        val_bytes_per_token=2.7182, fingerprint=tokenizer.fingerprint, compare_max_bytes=8_000_000, compare_bytes=40_000,
         hf_bpe=LearnedCompression(vocab_size=300, val_tokens=1040, val_bytes_per_token=2.6, vocab_overlap=0.9),
         hf_unigram=LearnedCompression(vocab_size=300, val_tokens=1080, val_bytes_per_token=2.5, vocab_overlap=0.6),
         hf_unigram_metaspace=LearnedCompression(vocab_size=300, val_tokens=1125, val_bytes_per_token=2.4,

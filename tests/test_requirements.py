@@ -8,8 +8,9 @@ from importlib.metadata import packages_distributions
 
 # Required without an import: the command that runs the pipeline, and a pytest plugin (addopts -n 2).
 TOOLS = {"dvc", "pytest-xdist"}
-# Imported, and installed as dependencies of a requirement: dvc depends on hydra-core and omegaconf.
-VIA_EXTRAS = {"hydra-core": "dvc", "omegaconf": "dvc"}
+# Imported, and installed as dependencies of a requirement: dvc depends on hydra-core, omegaconf and
+# dvc-data (whose DataIndexError is what DVC's filesystem raises for an output a revision lacks).
+VIA_EXTRAS = {"hydra-core": "dvc", "omegaconf": "dvc", "dvc-data": "dvc"}
 
 
 def normalise(name: str) -> str:

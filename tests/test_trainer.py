@@ -86,16 +86,19 @@ def test_flops_per_token_counts_six_per_matmul_weight_plus_attention():
     assert flops_per_token(model) == 6 * (non_embedding + c.vocab_size * c.d_model) + 12 * c.n_layer * c.d_model * c.block_size
 
 
-def test_windows_cover_shards_and_targets_are_shifted_inputs():
+def test_windows_run_across_shards_and_targets_are_shifted_inputs():
     shards = [np.arange(10, dtype=np.uint16), np.arange(100, 103, dtype=np.uint16), np.arange(200, 208, dtype=np.uint16)]
     windows = TokenWindows(shards, block_size=4, split="train")
-    assert windows.count == (10 - 4) + (8 - 4)  # the 3-token shard holds no 5-token window
+    assert windows.count == 10 + 3 + 8 - 4  # the split is its shards end to end
     x, y = windows.gather(np.arange(windows.count))
     assert x[0].tolist() == [0, 1, 2, 3] and y[0].tolist() == [1, 2, 3, 4]
-    assert x[5].tolist() == [5, 6, 7, 8] and x[6].tolist() == [200, 201, 202, 203] and x[-1].tolist() == [203, 204, 205, 206]
+    assert x[5].tolist() == [5, 6, 7, 8] and y[5].tolist() == [6, 7, 8, 9]
+    assert x[8].tolist() == [8, 9, 100, 101] and y[8].tolist() == [9, 100, 101, 102]
+    assert x[9].tolist() == [9, 100, 101, 102] and y[9].tolist() == [100, 101, 102, 200]  # spans all three
+    assert x[-1].tolist() == [203, 204, 205, 206] and y[-1].tolist() == [204, 205, 206, 207]
     assert torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(PipelineError, match="block_size"):
-        TokenWindows([np.arange(4, dtype=np.uint16)], block_size=4, split="val")
+        TokenWindows([np.arange(2, dtype=np.uint16), np.arange(2, dtype=np.uint16)], block_size=4, split="val")
 
 
 def test_ranks_draw_disjoint_parts_of_one_global_batch_and_generator_state_replays():

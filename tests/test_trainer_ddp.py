@@ -44,7 +44,7 @@ def worker(out_dir: Path, name: str) -> None:
     config, train_params = setup(name, ranks=2)
     result = train(config, train_params, TRAIN, VAL, checkpoint_path=out_dir / "ckpt" / "last.pt",
                    log_dir=out_dir / "reports", tokenizer_fingerprint=TOKENIZER_FINGERPRINT)
-    if result.is_main:
+    if result.writes_outputs:
         torch.save(result.model.state_dict(), out_dir / "final.pt")
 
 

@@ -19,11 +19,11 @@ from conftest import copy_repo, run_cmd
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = ["download", "clean", "train_bpe", "encode_shards", "pretrain", "evaluate_ppl",
-              "sample_sweep", "report"]
+              "sample_sweep", "report", "export"]
 FROM_PRETRAIN = ALL_STAGES[4:]
 # Declared by no stage in dvc.yaml (tests/test_execution_only.py proves they change no output byte).
-EXECUTION_ONLY = {("tokenizer", "workers"): 2, ("shards", "workers"): 2, ("train", "checkpoint_interval"): 7,
-                  ("train", "activation_checkpointing"): True}
+EXECUTION_ONLY = {("clean", "workers"): 1, ("tokenizer", "workers"): 2, ("shards", "workers"): 2,
+                  ("train", "checkpoint_interval"): 7, ("train", "activation_checkpointing"): True}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,20 +53,27 @@ def commit(repo: Path, message: str) -> None:
     run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
 
 
-def back_to_baseline(repo: Path) -> None:
-    """Undo an applied experiment: the committed params and lock, and their outputs."""
+def back_to_baseline(repo: Path, *stages: str) -> None:
+    """Undo an applied experiment: the committed params and lock, and the outputs of the stages (all of them
+    unless named; name them where only some were reproduced, since the others' outputs are in no cache)."""
     run_cmd(["git", "checkout", "--", "."], repo)
-    run_cmd(["dvc", "checkout", "--force"], repo)
+    run_cmd(["dvc", "checkout", "--force", *stages], repo)
+
+
+def tiny_copy(destination: Path) -> Path:
+    """A fresh copy of the project (`copy_repo`) with params.yaml composed on the tiny profile, committed."""
+    repo = copy_repo(destination)
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base=None):
+        tiny = OmegaConf.to_container(compose(config_name="config", overrides=["profile=tiny"]))
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    commit(repo, "tiny profile")
+    return repo
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A fresh copy of the project on the tiny profile, reproduced once and committed."""
-    repo = copy_repo(tmp_path_factory.mktemp("workflow"))
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base=None):
-        tiny = OmegaConf.to_container(compose(config_name="config", overrides=["profile=tiny"]))
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
-    commit(repo, "tiny profile")
+    repo = tiny_copy(tmp_path_factory.mktemp("workflow"))
     output = run_cmd(["dvc", "repro"], repo)
     assert ran(output) == set(ALL_STAGES), output
     commit(repo, "reproduced")

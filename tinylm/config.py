@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tinylm.errors import PipelineError
+from tinylm.errors import PipelineError, run_stage
 
 
 class ParamError(PipelineError, ValueError):
@@ -38,6 +38,10 @@ def _at_least(section: Any, key: str, **minimums: float) -> None:
     """Each named field of the section must be >= its minimum (the most common range rule)."""
     for name, minimum in minimums.items():
         _require(getattr(section, name) >= minimum, f"{key}.{name}", f"must be >= {minimum:g}")
+
+
+# torchrun's rendezvous endpoint: a host name or IPv4 address, or an IPv6 address in brackets, then the port.
+_ENDPOINT = re.compile(r"(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +95,10 @@ class CleanParams:
     max_chars: int
     ascii_punctuation: bool
     max_nontext_fraction: float
+    workers: int  # processes cleaning stories; the output is the same for any count
 
     def check(self, key: str) -> None:
-        _at_least(self, key, min_chars=1)
+        _at_least(self, key, min_chars=1, workers=1)
         _require(self.max_chars > self.min_chars, f"{key}.max_chars", "must be > clean.min_chars")
         _require(0 < self.max_nontext_fraction <= 1, f"{key}.max_nontext_fraction", "must be in (0, 1]")
 
@@ -105,6 +110,9 @@ class TokenizerParams:
     vocab_size: int
     special_tokens: list[str]
     compare_vocab_sizes: list[int]
+    # The comparisons of reports/tokenizer.json train on at most this many bytes of train stories
+    # (spread over the split); our tokenizer trains on all of them.
+    compare_max_bytes: int
     workers: int
 
     def check(self, key: str) -> None:
@@ -119,7 +127,7 @@ class TokenizerParams:
         for i, size in enumerate(self.compare_vocab_sizes):
             # 256 means the bare byte-level baseline (no merges; special tokens come on top).
             _require(256 <= size <= 65535, f"{key}.compare_vocab_sizes[{i}]", "must be in [256, 65535]")
-        _at_least(self, key, workers=1)
+        _at_least(self, key, compare_max_bytes=1, workers=1)
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,11 @@ class TrainParams:
     compile: bool
     activation_checkpointing: bool
     micro_batch_size: int
-    grad_accum_steps: int
+    grad_accum_steps: int  # per rank: a step trains micro_batch_size x grad_accum_steps x world size sequences
+    # The launch, templated into pretrain's torchrun command in dvc.yaml: world size = nnodes x nproc_per_node.
+    nproc_per_node: int
+    nnodes: int
+    rdzv_endpoint: str  # HOST:PORT where the nodes meet (c10d); port 0 picks a free one (one node only)
     max_steps: int
     lr: float
     min_lr: float
@@ -214,6 +226,20 @@ class TrainParams:
         _at_least(self, key, muon_weight_decay=0)
         _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
         _require(self.peak_flops > 0, f"{key}.peak_flops", "must be > 0 (FLOP/s of the device, for MFU)")
+        self._check_launch(key)
+
+    def _check_launch(self, key: str) -> None:
+        # torchrun rejects these with a bare AssertionError or its own wording; say which param and the fix.
+        _require(self.nproc_per_node >= 1, f"{key}.nproc_per_node", f"must be >= 1, got {self.nproc_per_node}. "
+                 "Fix: 1 on CPU, or the node's GPU count for one process per GPU")
+        _require(self.nnodes >= 1, f"{key}.nnodes", f"must be >= 1, got {self.nnodes}. Fix: 1 on one machine")
+        match = _ENDPOINT.fullmatch(self.rdzv_endpoint)
+        _require(match is not None and int(match["port"]) <= 65535, f"{key}.rdzv_endpoint",
+                 f"must be HOST:PORT with a port in [0, 65535], got {self.rdzv_endpoint!r}. Fix: 127.0.0.1:0 "
+                 "on one node (any free port), or the first node's address and an open port, e.g. node0:29500")
+        _require(self.nnodes == 1 or int(match["port"]) != 0, f"{key}.rdzv_endpoint",
+                 f"port 0 (any free port) works on one node only, but train.nnodes is {self.nnodes}: every node "
+                 "must dial the same port. Fix: the first node's address and an open port, e.g. node0:29500")
 
 
 @dataclass(frozen=True)
@@ -376,3 +402,9 @@ def to_dict(section: Any) -> dict[str, Any]:
     """A section as plain data (for fingerprints and reports)."""
     return dataclasses.asdict(section)
 
+
+
+if __name__ == "__main__":
+    # `python -m tinylm.config` validates params.yaml. pretrain's cmd runs it before torchrun, which would
+    # reject a bad launch param (train.nproc_per_node: 0) with a bare AssertionError naming no key.
+    run_stage(load_params)

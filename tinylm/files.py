@@ -11,9 +11,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def fsync_dir(directory: Path) -> None:
@@ -22,6 +23,26 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_directory(directory: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Run fill(staging) on a fresh directory beside `directory`, then swap it in by renames: a crash
+    (or an exception in fill, e.g. a failed check) leaves the old directory, the new one, or none,
+    never a mix of the two."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual permissions
+    retired = staging.with_name(staging.name + ".old")
+    try:
+        fill(staging)
+        if directory.exists():
+            os.replace(directory, retired)
+        os.replace(staging, directory)
+        fsync_dir(directory.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _umask() -> int:

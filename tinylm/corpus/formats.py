@@ -13,7 +13,7 @@ import codecs
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tinylm.errors import PipelineError
 from tinylm.files import atomic_open
@@ -97,9 +97,12 @@ def iter_blankline_stories(path: Path, story_start: re.Pattern[str]) -> Iterator
         yield "\n\n".join(paragraphs)
 
 
-def iter_jsonl_stories(path: Path) -> Iterator[str]:
+def iter_jsonl_stories(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The "text" of each line; `progress`, if given, is told the bytes read so far every 1,000 lines."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
+            if progress is not None and number % 1000 == 0:
+                progress(f.buffer.tell())
             if not line.strip():
                 continue
             try:
@@ -109,6 +112,8 @@ def iter_jsonl_stories(path: Path) -> Iterator[str]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise PipelineError(f'{path}:{number}: each line must be an object with a string "text" field')
             yield record["text"]
+        if progress is not None:
+            progress(f.buffer.tell())
 
 
 def iter_file_stories(path: Path, story_start: re.Pattern[str]) -> Iterator[str]:
@@ -120,8 +125,8 @@ def iter_file_stories(path: Path, story_start: re.Pattern[str]) -> Iterator[str]
     return iter_blankline_stories(path, story_start)
 
 
-def read_raw_split(path: Path) -> Iterator[str]:
-    """Stories of a `data/raw/{split}.jsonl` file written by `download`."""
+def read_raw_split(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Stories of a `data/raw/{split}.jsonl` file written by `download` (`progress` as above)."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing. Fix: run `dvc repro download` first.")
-    return iter_jsonl_stories(path)
+    return iter_jsonl_stories(path, progress)

@@ -4,7 +4,8 @@ The logit functions take logits [B, V] and return new logits [B, V] with the exc
 to -inf, so they compose (temperature first, then the truncations, as in Hugging Face's order).
 `generate` runs greedy decoding or sampling on the model through a `Decoder` (KV cache, window
 sliding past block_size); beam and contrastive search live in `tinylm.generation.search`; `decode` picks the
-function for a strategy.
+function for a strategy. `on_step`, when given, receives each step's new token ids [B] as they are
+chosen (the `tinylm generate` console command streams them); beam search has no such per-step tokens.
 
 What a generation records, beyond its tokens: the model's own log-probability of each produced
 token and the entropy of its next-token distribution (both at temperature 1, unfiltered: what the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -126,10 +127,11 @@ def describe(strategy: Strategy) -> dict:
 
 @torch.inference_mode()
 def generate(model: GPT, prompt: Sequence[int], strategy: Greedy | Sample, max_new_tokens: int,
-             eot_id: int | None, seeds: Sequence[int] = (0,), use_cache: bool = True) -> list[Generation]:
+             eot_id: int | None, seeds: Sequence[int] = (0,), use_cache: bool = True,
+             on_step: Callable[[torch.Tensor], None] | None = None) -> list[Generation]:
     """One generation per seed, all in one batch; each row draws from its own seeded generator, so a
     sample depends on its seed only (greedy ignores the seeds). Stops at `eot_id` (None: never) or
-    after max_new_tokens."""
+    after max_new_tokens. on_step(tokens [B]) sees every step's tokens, a finished row's included."""
     check_length(max_new_tokens)
     if len(seeds) == 0:
         raise ValueError("give at least one seed")
@@ -152,6 +154,8 @@ def generate(model: GPT, prompt: Sequence[int], strategy: Greedy | Sample, max_n
                                for row, generator in enumerate(generators)])
             sampling_entropy = torch.special.entr(probs).sum(dim=-1)
         steps.append((token, logprobs.gather(1, token[:, None])[:, 0], entropy(logits), sampling_entropy))
+        if on_step is not None:
+            on_step(token)
         if eot_id is not None:
             finished |= token == eot_id
         if bool(finished.all()) or step == max_new_tokens - 1:
@@ -162,14 +166,18 @@ def generate(model: GPT, prompt: Sequence[int], strategy: Greedy | Sample, max_n
 
 
 def decode(model: GPT, prompt: Sequence[int], strategy: Strategy, max_new_tokens: int, eot_id: int | None,
-           seeds: Sequence[int] = (0,), use_cache: bool = True) -> list[Generation]:
-    """Generations for `strategy`: one per seed when it samples, a single one when it is deterministic."""
+           seeds: Sequence[int] = (0,), use_cache: bool = True,
+           on_step: Callable[[torch.Tensor], None] | None = None) -> list[Generation]:
+    """Generations for `strategy`: one per seed when it samples, a single one when it is deterministic.
+    on_step: see `generate`; beam search keeps changing its hypotheses until the end, so it refuses one."""
     if isinstance(strategy, Sample):
-        return generate(model, prompt, strategy, max_new_tokens, eot_id, seeds, use_cache)
+        return generate(model, prompt, strategy, max_new_tokens, eot_id, seeds, use_cache, on_step)
     if isinstance(strategy, Greedy):
-        return generate(model, prompt, strategy, max_new_tokens, eot_id, (0,), use_cache)
+        return generate(model, prompt, strategy, max_new_tokens, eot_id, (0,), use_cache, on_step)
     if isinstance(strategy, Beam):
+        if on_step is not None:
+            raise ValueError("beam search cannot report tokens per step: its hypotheses change until the end")
         return [beam_search(model, prompt, strategy, max_new_tokens, eot_id, use_cache)]
     if isinstance(strategy, Contrastive):
-        return [contrastive_search(model, prompt, strategy, max_new_tokens, eot_id, use_cache)]
+        return [contrastive_search(model, prompt, strategy, max_new_tokens, eot_id, use_cache, on_step)]
     raise TypeError(f"unknown decoding strategy {strategy!r}")

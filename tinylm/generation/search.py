@@ -6,7 +6,7 @@ step costs one batched forward of width rows of one token each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +118,13 @@ def beam_search(model: GPT, prompt: Sequence[int], beam: Beam, max_new_tokens: i
 
 @torch.inference_mode()
 def contrastive_search(model: GPT, prompt: Sequence[int], contrastive: Contrastive, max_new_tokens: int,
-                       eot_id: int | None, use_cache: bool = True) -> Generation:
+                       eot_id: int | None, use_cache: bool = True,
+                       on_step: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Contrastive search: each step feeds the top_k candidates as top_k cache rows (one batched
     forward gives every candidate's hidden state and, for the winner, the next logits), then keeps
     the winner's row. The degeneration penalty compares with the hidden states of the visible
-    window (the whole context until generation passes block_size). alpha = 0 is greedy decoding."""
+    window (the whole context until generation passes block_size). alpha = 0 is greedy decoding.
+    on_step receives each chosen token as a tensor [1], the final <|endoftext|> included."""
     check_length(max_new_tokens)
     ids = check_prompt(model, prompt)
     k, alpha = contrastive.top_k, contrastive.alpha
@@ -147,6 +149,8 @@ def contrastive_search(model: GPT, prompt: Sequence[int], contrastive: Contrasti
         token = int(candidates[best])
         logprobs.append(float(candidate_logprobs[best]))
         entropies.append(float(entropy(logits)))
+        if on_step is not None:
+            on_step(candidates[best:best + 1])
         if token == eot_id:
             stopped = True
             break

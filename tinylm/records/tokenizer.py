@@ -36,6 +36,8 @@ class TokenizerReport:
     val_tokens: int
     val_bytes_per_token: float
     fingerprint: str
+    compare_max_bytes: int  # tokenizer.compare_max_bytes: the most train text the comparisons below learn from
+    compare_bytes: int  # the train text they learned from: all of it when it fits, else stories spread over it
     hf_bpe: LearnedCompression
     hf_unigram: LearnedCompression
     hf_unigram_metaspace: LearnedCompression

@@ -18,13 +18,11 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from tinylm.files import fsync_dir, sha256_file, write_json, write_text
+from tinylm.files import replace_directory, sha256_file, write_json, write_text
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE, PreTokenizer, TokenizerError
 
 EOT = "<|endoftext|>"
@@ -226,14 +224,10 @@ class Tokenizer:
         """Write vocab.json, merges.txt and tokenizer.json, replacing `directory` as a whole.
 
         The files are written in a staging directory beside it, then swapped in by renames: a
-        crash leaves the old directory, the new one, or none, never a mix of the two.
+        crash leaves the old directory, the new one, or none, never a mix of the two (tinylm/files.py, replace_directory).
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; the tokenizer is an ordinary output
-        retired = staging.with_name(staging.name + ".old")
-        try:
+
+        def fill(staging: Path) -> None:
             write_text(staging / "vocab.json", self.vocab_json())
             write_text(staging / "merges.txt", self.merges_txt())
             write_json(staging / "tokenizer.json", {
@@ -245,13 +239,8 @@ class Tokenizer:
                 "merges_sha256": sha256_file(staging / "merges.txt"),
                 "fingerprint": self.fingerprint,
             })
-            if directory.exists():
-                os.replace(directory, retired)
-            os.replace(staging, directory)
-            fsync_dir(directory.parent)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(retired, ignore_errors=True)
+
+        replace_directory(directory, fill)
 
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,

@@ -1,4 +1,4 @@
-"""Training and validation batches: windows of block_size + 1 tokens cut from memory-mapped shards.
+"""Training and validation batches: windows of block_size + 1 tokens of a split's memory-mapped shards.
 
 Random training windows come from one seeded `torch.Generator` whose state goes into the
 checkpoint, so a resumed run draws exactly the batches an uninterrupted run would have drawn.
@@ -15,19 +15,25 @@ from tinylm.errors import PipelineError
 
 
 class TokenWindows:
-    """All windows of `block_size + 1` consecutive tokens that fit inside one shard, numbered 0..count-1."""
+    """All windows of `block_size + 1` consecutive tokens of a split, numbered 0..count-1 by where they start.
+
+    The split is its shards end to end, so a window may straddle a shard boundary and the windows,
+    their numbers and so every batch drawn are the same however the split is cut into shards (one
+    shard, as the default corpus makes, or hundreds, as the full TinyStories does). The shards stay
+    memory-mapped: a batch reads only its rows.
+    """
 
     def __init__(self, shards: list[np.ndarray], block_size: int, split: str):
-        self.shards = [s for s in shards if len(s) > block_size]
-        if not self.shards:
-            longest = max((len(s) for s in shards), default=0)
-            raise PipelineError(f"the {split} shards hold no window of model.block_size + 1 = {block_size + 1} "
-                                f"tokens (longest shard: {longest} tokens). Fix: lower model.block_size in "
-                                "params.yaml or give the pipeline more data (data.max_*_stories).")
+        self.shards = [s for s in shards if len(s)]
         self.block_size = block_size
-        self.per_shard = np.array([len(s) - block_size for s in self.shards], dtype=np.int64)
-        self.first = np.cumsum(self.per_shard) - self.per_shard  # number of the shard's first window
-        self.count = int(self.per_shard.sum())
+        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.starts = np.cumsum(lengths) - lengths  # position of each shard's first token in the split
+        total = int(lengths.sum())
+        if total <= block_size:
+            raise PipelineError(f"the {split} shards hold no window of model.block_size + 1 = {block_size + 1} "
+                                f"tokens ({total} tokens in all). Fix: lower model.block_size in "
+                                "params.yaml or give the pipeline more data (data.max_*_stories).")
+        self.count = total - block_size
 
     def random(self, n: int, generator: torch.Generator) -> np.ndarray:
         return torch.randint(0, self.count, (n,), generator=generator).numpy()
@@ -35,11 +41,21 @@ class TokenWindows:
     def evenly_spaced(self, n: int) -> np.ndarray:
         return np.linspace(0, self.count - 1, n).round().astype(np.int64)
 
+    def window(self, start: int) -> np.ndarray:
+        """Tokens start .. start + block_size of the split, read from as many shards as they span."""
+        end = start + self.block_size + 1
+        index = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < end:
+            offset = start - int(self.starts[index])
+            pieces.append(self.shards[index][offset:offset + end - start])
+            start += len(pieces[-1])
+            index += 1
+        return np.concatenate(pieces)
+
     def gather(self, numbers: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, [len(numbers), block_size] each, as int64."""
-        shard = np.searchsorted(self.first, numbers, side="right") - 1
-        offset = numbers - self.first[shard]
-        rows = np.stack([self.shards[i][o:o + self.block_size + 1] for i, o in zip(shard, offset)])
+        rows = np.stack([self.window(int(number)) for number in numbers])
         tokens = torch.from_numpy(rows.astype(np.int64))
         return tokens[:, :-1], tokens[:, 1:]
 

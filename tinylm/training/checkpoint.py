@@ -22,7 +22,14 @@ everything that shapes the trained weights or the logged metric history (the mod
 train params, the resolved device and precision, the world size, the tokenizer fingerprint and
 a hash of every training and validation token). Left out, because they change neither:
 `train.checkpoint_interval` (when snapshots are taken), `train.compile` and
-`train.activation_checkpointing` (the same math, only faster or leaner).
+`train.activation_checkpointing` (the same math, only faster or leaner), and the launch
+(`train.nproc_per_node`, `train.nnodes`, `train.rdzv_endpoint`): the world size, their product, is in
+the fingerprint, and how its ranks are spread over nodes or where they meet changes no number. A
+checkpoint of another world size is discarded: its global batch and per-rank RNG states do not fit.
+
+Under DDP every rank must be training the same run (same params, data and device type): a node with
+another params.yaml or other shards would hang in a collective or train on mismatched batches, so the
+ranks compare their fingerprint inputs before anything else (`check_ranks_agree`).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from tinylm.config import TrainParams
+from tinylm.errors import PipelineError
 from tinylm.files import atomic_path
 from tinylm.model import GPT, GPTConfig
 from tinylm.training.batches import TrainBatches
@@ -44,7 +52,8 @@ from tinylm.training.optimizers import Optimizers
 from tinylm.training.runtime import Distributed
 
 CHECKPOINT_FORMAT = 2  # 2: the optimizer state is a dict per optimizer (AdamW, Muon)
-NOT_IN_FINGERPRINT = ("checkpoint_interval", "compile", "activation_checkpointing")
+NOT_IN_FINGERPRINT = ("checkpoint_interval", "compile", "activation_checkpointing", "nproc_per_node", "nnodes",
+                      "rdzv_endpoint")
 
 
 def hash_tokens(arrays: list[np.ndarray]) -> str:
@@ -79,6 +88,20 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
+
+
+def check_ranks_agree(inputs: dict[str, Any], distributed: Distributed) -> None:
+    """Fail on every rank, naming the differences, unless all ranks have rank 0's fingerprint inputs."""
+    if distributed.world_size == 1:
+        return
+    everyone: list[Any] = [None] * distributed.world_size
+    dist.all_gather_object(everyone, inputs)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise PipelineError(
+                f"rank {rank} is not training the same run as rank 0 ({'; '.join(_differences(everyone[0], theirs))}). "
+                "Fix: give every node the same code, params.yaml and data (the same `dvc exp run -S ...` on each node, "
+                "see README, 'Several GPUs and nodes').")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -137,8 +160,10 @@ class Position:
 class RunCheckpoint:
     """This run's checkpoint file, and the live objects its state is captured from and restored into.
 
-    Under DDP every rank calls each method (they are collectives): rank 0 alone reads and writes the
-    file, so the nodes need no shared filesystem, and each rank's RNG state travels through rank 0.
+    Under DDP every rank calls each method (they are collectives): rank 0 alone reads the file to resume
+    and broadcasts it, and local rank 0 of every node writes it into its node's workspace
+    (`Distributed.writes_outputs`): the nodes need no shared filesystem, and whichever node rank 0 lands on
+    in a rerun holds a copy. Every rank's RNG state is gathered by all of them.
     """
 
     def __init__(self, path: str | Path, inputs: dict[str, Any], *, model: GPT, optimizer: Optimizers,
@@ -153,7 +178,7 @@ class RunCheckpoint:
         self.distributed = distributed
 
     def capture(self, position: Position) -> dict[str, Any] | None:
-        """The state to save, on rank 0 (None on the others, which only contribute their RNG state).
+        """The state to save, on each node's local rank 0 (None on the others, which only contribute their RNG state).
 
         Its tensors are the live ones, not copies (a copy would double the memory): save it before
         the next step changes them.
@@ -164,7 +189,7 @@ class RunCheckpoint:
         if self.distributed.world_size > 1:
             rng_per_rank = [None] * self.distributed.world_size
             dist.all_gather_object(rng_per_rank, rng)
-        if not self.distributed.is_main:
+        if not self.distributed.writes_outputs:
             return None
         return {
             "fingerprint": fingerprint(self.inputs), "fingerprint_inputs": self.inputs,
@@ -194,8 +219,9 @@ class RunCheckpoint:
     def resume(self) -> Position | None:
         """Restore this run's checkpoint, if there is one (see `load_checkpoint`), and say where it stood."""
         state = None
-        if self.distributed.is_main:
+        if self.distributed.writes_outputs:
             remove_stale_temp_files(self.path)
+        if self.distributed.is_main:
             state = load_checkpoint(self.path, self.inputs)
         if self.distributed.world_size > 1:
             box = [state]

@@ -21,7 +21,7 @@ class StopSignals:
     """
 
     def __init__(self, announce: bool):
-        """`announce` is False on every rank but 0, so a signal sent to all ranks is reported once."""
+        """`announce` is False on every rank but local rank 0, so a signal sent to a node's ranks is reported once."""
         self.announce = announce
         self.signum: int | None = None  # the signal that requested the stop
         self._previous: dict[int, object] = {}

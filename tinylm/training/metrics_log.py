@@ -18,7 +18,7 @@ from dvclive import Live
 
 class MetricLog:
     def __init__(self, directory: str | Path, history: list[dict[str, Any]], enabled: bool):
-        """`enabled` is False on every rank but 0: they keep the rows but write nothing."""
+        """`enabled` is False on every rank but local rank 0 (one per node): they keep the rows but write nothing."""
         self.history = [dict(row) for row in history]
         self.live = Live(str(directory), dvcyaml=False, save_dvc_exp=False) if enabled else None
         if self.live is not None:

@@ -1,6 +1,6 @@
 """What a training run prints, and the throughput figure it reports: model FLOPs utilization (MFU).
 
-Three kinds of line, printed by rank 0 alone:
+Three kinds of line, printed by one process per node (local rank 0) alone:
   model: 27,936 parameters (25,472 without embeddings) | cpu fp32 | 1 process(es) | batch ... | from step 0
   step     10/12 | val loss 3.8365
   step     10/12 | loss 3.8387 | lr 6.16e-04 | grad norm 1.57 | 14,895 tok/s | mfu 0.3% | elapsed 0m01s | eta 0m00s
@@ -40,7 +40,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Console:
-    """The run's lines on stdout; `enabled` is False on every rank but 0, which then print nothing."""
+    """The run's lines on stdout; `enabled` is False on every rank but local rank 0, which then print nothing."""
 
     def __init__(self, train: TrainParams, enabled: bool):
         self.train = train

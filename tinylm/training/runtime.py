@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from tinylm.config import TrainParams
 from tinylm.errors import PipelineError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,23 +27,52 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this node
 
     @classmethod
     def from_env(cls) -> Distributed:
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
+                   int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the one that reads a checkpoint to resume and hands it to the others."""
         return self.rank == 0
+
+    @property
+    def writes_outputs(self) -> bool:
+        """Local rank 0: one process per node writes the outputs, metric logs and checkpoints into its node's
+        workspace, and prints the progress. Per node, not rank 0 alone: the c10d rendezvous numbers the
+        nodes by host name, so rank 0 may be on any node, and `dvc exp run` on each node needs the
+        outputs in its own workspace. Every rank holds the same weights, so every node writes the same bytes.
+        """
+        return self.local_rank == 0
+
+
+def check_launch(train: TrainParams, distributed: Distributed) -> None:
+    """The processes that run must be the ones train.nproc_per_node and train.nnodes describe: the world size
+    sets the global batch, so a launch other than the params' would train a model DVC records wrongly."""
+    launched = f"this node runs {distributed.local_world_size} of {distributed.world_size} process(es)"
+    fix = ("Fix: run the stage as dvc.yaml says (dvc repro pretrain, or dvc exp run -S train.nproc_per_node=N "
+           "-S train.nnodes=M), or set those params to the launch.")
+    if distributed.local_world_size != train.nproc_per_node:
+        raise PipelineError(f"train.nproc_per_node is {train.nproc_per_node}, but {launched}. {fix}")
+    if distributed.world_size != train.nproc_per_node * train.nnodes:
+        raise PipelineError(f"train.nnodes is {train.nnodes} ({train.nproc_per_node} process(es) each), "
+                            f"but {launched}. {fix}")
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """CUDA when asked for or available, one GPU per process of the node (`cuda:local_rank`); else the CPU."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device is 'cuda' but no CUDA GPU is visible. Fix: set train.device to "
                             "'auto' or 'cpu' in params.yaml.")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise PipelineError(f"this node has {torch.cuda.device_count()} CUDA GPU(s), but more processes than that: "
+                            f"local rank {local_rank} has none. Fix: set train.nproc_per_node to at most "
+                            f"{torch.cuda.device_count()}.")
     return torch.device("cuda", local_rank)
 
 

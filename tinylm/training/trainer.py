@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 
 from tinylm.training.batches import TokenWindows, TrainBatches, validation_batches
-from tinylm.training.checkpoint import Position, RunCheckpoint, fingerprint_inputs, hash_tokens
+from tinylm.training.checkpoint import Position, RunCheckpoint, check_ranks_agree, fingerprint_inputs, hash_tokens
 from tinylm.config import TrainParams
 from tinylm.training.interrupt import StopSignals
 from tinylm.training.metrics_log import MetricLog
@@ -79,7 +79,7 @@ class TrainResult:
     tokens: int
     train_loss: float | None
     val_loss: float
-    is_main: bool
+    writes_outputs: bool  # this process writes its node's outputs (Distributed.writes_outputs)
 
 
 class Trainer:
@@ -118,6 +118,7 @@ class Trainer:
             config, params, device_type=self.device.type, precision=self.precision,
             world_size=distributed.world_size, tokenizer_fingerprint=tokenizer_fingerprint,
             data_hashes={"train": hash_tokens(train_tokens), "val": hash_tokens(val_tokens)})
+        check_ranks_agree(inputs, distributed)
         self.checkpoint = RunCheckpoint(self.checkpoint_path, inputs, model=self.model, optimizer=self.optimizer,
                                         scaler=self.scaler, batches=self.batches, device=self.device,
                                         distributed=distributed)
@@ -130,9 +131,9 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         module = self.ddp or self.model
         self.module = torch.compile(module) if params.compile else module
-        self.log = MetricLog(log_dir, resumed.history, enabled=distributed.is_main)
-        self.console = Console(params, enabled=distributed.is_main)
-        self.stop_signals = StopSignals(announce=distributed.is_main)
+        self.log = MetricLog(log_dir, resumed.history, enabled=distributed.writes_outputs)
+        self.console = Console(params, enabled=distributed.writes_outputs)
+        self.stop_signals = StopSignals(announce=distributed.writes_outputs)
         self._started = time.perf_counter()
 
     # --- one step, evaluation --------------------------------------------------------------------
@@ -204,7 +205,7 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self._started
 
     def save_checkpoint(self) -> None:
-        """Collective under DDP: every rank calls it (rank 0 writes the file)."""
+        """Collective under DDP: every rank calls it (local rank 0 of each node writes the file)."""
         self.checkpoint.save(Position(self.step, self.tokens, self.elapsed(), self.log.history))
 
     def _log_validation(self) -> float:
@@ -243,7 +244,7 @@ class Trainer:
                     self.save_checkpoint()
             val_loss = self._log_validation()
         self.log.finish()
-        return TrainResult(self.model, self.step, self.tokens, last_train_loss, val_loss, self.dist.is_main)
+        return TrainResult(self.model, self.step, self.tokens, last_train_loss, val_loss, self.dist.writes_outputs)
 
     def _log_train(self, stats: StepStats, window_time: float, window_steps: int) -> None:
         tokens_per_s = self.batch_tokens * window_steps / window_time

@@ -225,8 +225,9 @@ def test_a_fresh_clone_reproduces_the_committed_data_hashes(repo):
     output = run_cmd(["dvc", "repro"], clone)
     # No cache, so every stage with a cached output runs again. Their outputs come out identical to
     # the committed lock, so evaluate_ppl and sample_sweep (deps unchanged, outputs in git) do not.
-    assert ran(output) >= {"download", "clean", "train_bpe", "encode_shards", "pretrain"}, output
+    assert ran(output) >= {"download", "clean", "train_bpe", "encode_shards", "pretrain", "export"}, output
     assert not ran(output) & {"evaluate_ppl", "sample_sweep"}, output
     committed = data_hashes(run_cmd(["git", "show", "HEAD:dvc.lock"], repo))
-    assert set(committed) == {"data/raw", "data/clean", "data/tokenizer", "data/shards", "data/model"}
+    assert set(committed) == {"data/raw", "data/clean", "data/tokenizer", "data/shards", "data/model",
+                              "data/export/hf"}
     assert data_hashes((clone / "dvc.lock").read_text()) == committed

@@ -61,8 +61,10 @@ def tokenizer_section(report: Report, stats: TokenizerReport, d_model: int) -> N
                f"Our byte-level BPE: {count(stats.vocab_size)} tokens ({count(stats.num_merges)} merges), "
                f"trained in {number(stats.train_seconds, 1)} s. Compression on the validation text, in UTF-8 "
                "bytes per token (higher means shorter sequences: more story per context window, less compute "
-               "per story). The Hugging Face tokenizers are trained on the same stories with the same vocab size; "
-               "vocab overlap is the share of our multi-byte tokens they also learned.", "")
+               f"per story). The Hugging Face tokenizers are trained with the same vocab size on "
+               f"{number(stats.compare_bytes / 1e6, 1)} MB of the train stories (all of them, when they fit in "
+               f"tokenizer.compare_max_bytes = {number(stats.compare_max_bytes / 1e6, 1)} MB, else stories spread "
+               "evenly over them); vocab overlap is the share of our multi-byte tokens they also learned.", "")
     rows = [("ours (BPE)", stats.vocab_size, stats.val_bytes_per_token, None)]
     for label, hf in (("HF BPE", stats.hf_bpe), ("HF Unigram", stats.hf_unigram),
                       ("HF Unigram (Metaspace)", stats.hf_unigram_metaspace)):

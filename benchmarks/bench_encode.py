@@ -31,7 +31,8 @@ import tiktoken  # noqa: E402
 from tinylm.tokenizer.bpe import EOT, Tokenizer, load_gpt2
 from tinylm.tokenizer.train import train_bpe  # noqa: E402
 from tinylm.corpus.formats import EOT_LINE  # noqa: E402
-from tinylm.tokenizer.fast_encode import ParallelEncoder, batch_documents  # noqa: E402
+from tinylm.corpus.parallel import chunks  # noqa: E402
+from tinylm.tokenizer.fast_encode import ParallelEncoder  # noqa: E402
 
 SEPARATOR = f"\n{EOT_LINE}\n"
 
@@ -69,7 +70,7 @@ def main() -> None:
         return text.removesuffix(SEPARATOR).split(SEPARATOR)
 
     def engine(encoder: ParallelEncoder):
-        return lambda: np.concatenate([b.ids for b in encoder.map(batch_documents(documents()))])
+        return lambda: np.concatenate([b.ids for b in encoder.map(chunks(documents()))])
 
     def fresh(tokenizer: Tokenizer) -> Tokenizer:
         return Tokenizer(tokenizer.vocab, tokenizer.merges, [EOT])

@@ -51,6 +51,25 @@ def copy_repo(destination: Path) -> Path:
     return repo
 
 
+def save_untrained_model(model, tokenizer, directory: Path) -> Path:
+    """model.pt and model.json of an untrained `model` in `directory`, as stages/pretrain.py writes them
+    (0 steps; both losses log(vocab size), the loss of a uniform guess)."""
+    import dataclasses
+    import math
+
+    from tinylm.model import save_model
+    from tinylm.records.io import plain, write_record
+    from tinylm.records.model import ModelSummary
+
+    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
+                           params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
+                           tokens_trained=0, final_train_loss=math.log(tokenizer.vocab_size),
+                           final_val_loss=math.log(tokenizer.vocab_size), tokenizer_fingerprint=tokenizer.fingerprint)
+    save_model(model, directory / "model.pt", extra=plain(summary))
+    write_record(directory / "model.json", summary)
+    return directory
+
+
 def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> str:
     """Run a command with the test interpreter's bin/ first on PATH (so `python` and `dvc` are ours);
     return stdout+stderr, failing the test with that output if the command fails."""

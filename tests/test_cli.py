@@ -26,16 +26,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_cmd
+from conftest import run_cmd, save_untrained_model
 from tinylm.cli.generate import Stream
 from tinylm.cli.main import main
-from tinylm.config import to_dict
 from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
 from tinylm.generation.sampling import Greedy, Sample, Strategy, decode
 from tinylm.generation.search import Beam, Contrastive
-from tinylm.model import GPT, GPTConfig, load_model, save_model
-from tinylm.records.io import plain, write_record
-from tinylm.records.model import ModelSummary
+from tinylm.model import GPT, GPTConfig, load_model
 from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 
@@ -64,13 +61,7 @@ def fails(result: subprocess.CompletedProcess, *fixes: str) -> None:
 
 def save_trained(model: GPT, tokenizer: Tokenizer, directory: Path) -> Path:
     """model.pt and model.json, as stages/pretrain.py writes them."""
-    summary = ModelSummary(config=to_dict(model.config), params=model.num_params(),
-                           params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
-                           tokens_trained=0, final_train_loss=0.0, final_val_loss=0.0,
-                           tokenizer_fingerprint=tokenizer.fingerprint)
-    save_model(model, directory / "model.pt", extra=plain(summary))
-    write_record(directory / "model.json", summary)
-    return directory
+    return save_untrained_model(model, tokenizer, directory)
 
 
 def random_model(tokenizer: Tokenizer, seed: int) -> GPT:

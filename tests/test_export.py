@@ -2,8 +2,6 @@
 AutoModelForCausalLM / AutoTokenizer (no custom code) and proven to compute what ours computes."""
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -14,14 +12,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from conftest import save_untrained_model
 from test_bpe import DOUBLE_EOT, GPT2_EDGE_CASES
 from tinylm.errors import PipelineError
-from tinylm.export.hf_model import SKIPPED, NotExportable, architecture, export_hf, verify_export
+from tinylm.export.hf_model import SKIPPED, NotExportable, export_hf, verify_export
 from tinylm.export.hf_tokenizer import write_hf_tokenizer
 from tinylm.generation.sampling import Greedy, generate
-from tinylm.model import GPT, GPTConfig, load_trained_model, save_model
-from tinylm.records.io import plain, write_record
-from tinylm.records.model import ModelSummary
+from tinylm.model import GPT, GPTConfig, load_trained_model
 from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 
@@ -72,8 +69,8 @@ def make_model(tokenizer: Tokenizer, fields: dict, seed: int = 0) -> GPT:
     """A tiny GPT whose every parameter is its init plus noise: GPT-2's init leaves norm gains at 1 and
     biases at 0, where a mapping that drops or misplaces them would still give the same logits."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK, n_layer=2, n_head=4, d_model=32,
-                          **fields)).eval()
+    size = dict(vocab_size=tokenizer.vocab_size, block_size=BLOCK, n_layer=2, n_head=4, d_model=32)
+    model = GPT(GPTConfig(**size | fields)).eval()  # the fields' own size (the modern recipe's layers) wins
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -121,9 +118,6 @@ def test_the_export_check_catches_logits_that_differ(tokenizer, tmp_path):
 def test_options_no_architecture_expresses_are_named(name, tokenizer, tmp_path):
     fields, named = NOT_EXPORTABLE[name]
     with pytest.raises(NotExportable, match=f"^{named}: .*; the transformers export is skipped$"):
-        architecture(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK, n_layer=2, n_head=4, d_model=32,
-                               **fields))
-    with pytest.raises(NotExportable):
         export_hf(make_model(tokenizer, fields), tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()  # refused before anything is written
 
@@ -171,12 +165,7 @@ def test_auto_tokenizer_has_our_special_tokens_and_adds_none(tokenizer, hf_token
 def workspace(root: Path, tokenizer: Tokenizer, model: GPT) -> Path:
     """data/tokenizer and data/model as train_bpe and pretrain write them."""
     tokenizer.save(root / "data/tokenizer")
-    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
-                           params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
-                           tokens_trained=0, final_train_loss=math.log(tokenizer.vocab_size),
-                           final_val_loss=math.log(tokenizer.vocab_size), tokenizer_fingerprint=tokenizer.fingerprint)
-    save_model(model, root / "data/model/model.pt", extra=plain(summary))
-    write_record(root / "data/model/model.json", summary)
+    save_untrained_model(model, tokenizer, root / "data/model")
     return root
 
 

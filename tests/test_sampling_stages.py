@@ -2,7 +2,6 @@
 holding tiny artifacts made with the real APIs (tokenizer, shards, a saved model)."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -15,15 +14,15 @@ import pytest
 import torch
 import yaml
 
+from conftest import save_untrained_model
 from tinylm.tokenizer.bpe import Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
-from tinylm.model import GPT, GPTConfig, load_model, save_model
+from tinylm.model import GPT, GPTConfig, load_model
 from tinylm.generation.sampling import Greedy, generate
 from tinylm.corpus.shards import write_split
 from tinylm.records.evaluation import EvalReport
-from tinylm.records.io import plain, read_record, read_records, write_record
-from tinylm.records.model import ModelSummary
+from tinylm.records.io import read_record, read_records
 from tinylm.records.sampling import GeneratedSample, SamplingReport
 
 pytestmark = pytest.mark.slow
@@ -54,12 +53,7 @@ def workdir(tmp_path_factory, repo_root, shared_dir) -> Path:
     # The seeded init, untrained: its perplexity must equal the untrained baseline's exactly.
     torch.manual_seed(params["train"]["seed"])
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, d_model=16))
-    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
-                           params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
-                           tokens_trained=0, final_train_loss=math.log(tokenizer.vocab_size),
-                           final_val_loss=math.log(tokenizer.vocab_size), tokenizer_fingerprint=tokenizer.fingerprint)
-    save_model(model, root / "data/model/model.pt", extra=plain(summary))
-    write_record(root / "data/model/model.json", summary)
+    save_untrained_model(model, tokenizer, root / "data/model")
     return root
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tinylm.tokenizer.bpe import EOT, Tokenizer, load_gpt2
 from tinylm.tokenizer.train import train_bpe
 from tinylm.corpus.formats import iter_eot_stories
-from tinylm.tokenizer.fast_encode import (DocumentEncoder, ParallelEncoder, batch_documents, check_against_reference, tiktoken_ranks)
+from tinylm.corpus.parallel import chunks
+from tinylm.tokenizer.fast_encode import (DocumentEncoder, ParallelEncoder, check_against_reference, tiktoken_ranks)
 
 VALID = "data/tinystories/TinyStories-valid-sample.txt"
 TRAIN = "data/tinystories/TinyStories-train-sample.txt"
@@ -48,7 +49,7 @@ def test_engine_equals_from_scratch_on_the_whole_validation_split(trained: Token
 def test_parallel_engine_keeps_document_order(trained: Tokenizer, val_documents: list[str]) -> None:
     documents = val_documents[:600]
     with ParallelEncoder(trained, workers=2) as encoder:
-        batches = list(encoder.map(batch_documents(documents, batch_chars=20_000)))
+        batches = list(encoder.map(chunks(documents, chunk_chars=20_000)))
     assert len(batches) > 8  # several rounds of the in-flight window
     assert sum(b.documents for b in batches) == len(documents)
     np.testing.assert_array_equal(np.concatenate([b.ids for b in batches]), reference_ids(trained, documents))
@@ -115,6 +116,6 @@ def test_reference_check_catches_a_single_wrong_id(trained: Tokenizer, val_docum
 
 def test_batches_cover_documents_in_order() -> None:
     documents = [f"story {i} " * (i % 7) for i in range(100)]
-    batches = list(batch_documents(documents, batch_chars=50))
+    batches = list(chunks(documents, chunk_chars=50))
     assert [doc for batch in batches for doc in batch] == documents
     assert all(sum(map(len, batch)) >= 50 for batch in batches[:-1])

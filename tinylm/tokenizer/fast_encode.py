@@ -32,12 +32,9 @@ import tiktoken
 
 from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.tokenizer.pretokenize import PreTokenizer
+from tinylm.corpus.parallel import chunks
 from tinylm.corpus.shards import write_split
 from tinylm.records.shards import ShardSplit
-
-# Documents per task: big enough that inter-process traffic is noise, small enough to keep all
-# workers busy and memory flat (at most 2 batches per worker are in flight).
-BATCH_CHARS = 1 << 18
 
 
 def tiktoken_ranks(tokenizer: Tokenizer) -> dict[bytes, int] | None:
@@ -105,20 +102,6 @@ def _init_worker(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], spe
 
 def _encode_in_worker(documents: list[str]) -> EncodedBatch:
     return _worker_encoder.encode_documents(documents)
-
-
-def batch_documents(documents: Iterable[str], batch_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
-    """Consecutive documents grouped into lists of about `batch_chars` characters."""
-    batch: list[str] = []
-    size = 0
-    for document in documents:
-        batch.append(document)
-        size += len(document)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 class ParallelEncoder:
@@ -191,7 +174,7 @@ def encode_split(encoder: ParallelEncoder, documents: Iterable[str], directory: 
 
     def ids() -> Iterator[np.ndarray]:
         nonlocal documents_seen, text_bytes
-        for batch in encoder.map(batch_documents(documents)):
+        for batch in encoder.map(chunks(documents)):
             documents_seen += batch.documents
             text_bytes += batch.text_bytes
             on_batch(batch)

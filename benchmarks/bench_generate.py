@@ -31,6 +31,23 @@ from tinylm.generation.sampling import Greedy, Sample, decode
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TARGET_SPEEDUP = 5.0
+CASES = {"greedy, 1 sequence": (Greedy(), [0]), "sampling, 5 sequences": (Sample(), [0, 1, 2, 3, 4])}
+
+
+def decoding_speed(model: GPT, prompt: list[int], strategy: Greedy | Sample, seeds: list[int], new_tokens: int,
+                   repeats: int) -> tuple[float, float]:
+    """Tokens/s of `decode` with the KV cache and without it (best of `repeats` interleaved runs each);
+    ValueError if the two produce different tokens. benchmarks/gpu_check.py reuses it on the GPU."""
+    outputs, best = {}, {True: float("inf"), False: float("inf")}
+    for _ in range(repeats):
+        for use_cache in (True, False):
+            start = time.perf_counter()
+            outputs[use_cache] = decode(model, prompt, strategy, new_tokens, None, seeds, use_cache)
+            best[use_cache] = min(best[use_cache], time.perf_counter() - start)
+    if [g.tokens for g in outputs[True]] != [g.tokens for g in outputs[False]]:
+        raise ValueError("the cached and uncached generations differ")
+    produced = new_tokens * len(seeds)
+    return produced / best[True], produced / best[False]
 
 
 def main() -> None:
@@ -53,19 +70,12 @@ def main() -> None:
           f"{model.num_params():,} params | context {len(prompt)} -> {args.context} tokens | "
           f"{torch.get_num_threads()} thread(s) | {platform.machine()}, {os.cpu_count()} cores")
 
-    cases = {"greedy, 1 sequence": (Greedy(), [0]), "sampling, 5 sequences": (Sample(), [0, 1, 2, 3, 4])}
     failed = False
-    for label, (strategy, seeds) in cases.items():
-        outputs, best = {}, {True: float("inf"), False: float("inf")}
-        for _ in range(args.repeats):
-            for use_cache in (True, False):
-                start = time.perf_counter()
-                outputs[use_cache] = decode(model, prompt, strategy, args.new_tokens, None, seeds, use_cache)
-                best[use_cache] = min(best[use_cache], time.perf_counter() - start)
-        if [g.tokens for g in outputs[True]] != [g.tokens for g in outputs[False]]:
-            sys.exit(f"{label}: the cached and uncached generations differ")
-        produced = args.new_tokens * len(seeds)
-        cached, uncached = produced / best[True], produced / best[False]
+    for label, (strategy, seeds) in CASES.items():
+        try:
+            cached, uncached = decoding_speed(model, prompt, strategy, seeds, args.new_tokens, args.repeats)
+        except ValueError as exc:
+            sys.exit(f"{label}: {exc}")
         speedup = cached / uncached
         failed |= speedup < TARGET_SPEEDUP
         print(f"{label}: KV cache {cached:,.0f} tok/s | no cache {uncached:,.0f} tok/s | "

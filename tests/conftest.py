@@ -1,21 +1,59 @@
-"""Shared fixtures: paths to the repository and to ../shared (the offline data and GPT-2 files)."""
+"""Shared fixtures: the environment every test starts from, paths to the repository and to ../shared
+(the offline data and GPT-2 files)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
-# tiktoken must find GPT-2's files offline.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DIR / "tiktoken-cache"))
-# One thread per process, stage subprocesses included: pytest-xdist already keeps both cores busy,
-# and tiny ops on a second OpenMP thread spin-wait for a busy core (modules ran 20x slower).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The variables of the caller's environment that change what the code under test does, and the value
+# every test starts from whatever the caller has set (None: unset). A test that needs another value sets
+# it with monkeypatch. `make test-offline-env` runs the fast tests again under an offline user's values.
+HERMETIC_ENV: dict[str, str | None] = {
+    # Unset: the code paths that probe the hub run; the endpoint below refuses at once, so none waits.
+    "HF_HUB_OFFLINE": None,
+    "HF_DATASETS_OFFLINE": None,
+    "HF_ENDPOINT": "http://127.0.0.1:9",  # the discard port: connection refused, no network ever
+    # A cache of the suite's own (removed at exit): nothing read from, or written to, the caller's.
+    "HF_HOME": tempfile.mkdtemp(prefix="tinylm-tests-hf-home-"),
+    "TIKTOKEN_CACHE_DIR": str(SHARED_DIR / "tiktoken-cache"),  # GPT-2's files, offline
+    "CUDA_VISIBLE_DEVICES": "",  # CPU everywhere: the expected numbers are the CPU's
+    # One thread per process, stage subprocesses included: pytest-xdist already keeps both cores busy,
+    # and tiny ops on a second OpenMP thread spin-wait for a busy core (modules ran 20x slower).
+    "OMP_NUM_THREADS": "1",
+}
+atexit.register(shutil.rmtree, HERMETIC_ENV["HF_HOME"], ignore_errors=True)
+
+
+def start_environment(setenv, delenv) -> None:
+    for name, value in HERMETIC_ENV.items():
+        if value is None:
+            delenv(name)
+        else:
+            setenv(name, value)
+
+
+# Once at import, before collection: libraries read some of these when first imported (torch counts the
+# GPUs once, huggingface_hub reads HF_HOME and the offline switches into constants), and session
+# fixtures run before the per-test fixture below.
+start_environment(os.environ.__setitem__, lambda name: os.environ.pop(name, None))
+
+import torch  # noqa: E402  (after CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS are set)
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def hermetic_environment(monkeypatch):
+    """Every test starts from HERMETIC_ENV, whatever the caller or an earlier test set; undone after it."""
+    start_environment(monkeypatch.setenv, lambda name: monkeypatch.delenv(name, raising=False))
 
 
 @pytest.fixture(scope="session")
@@ -57,16 +95,14 @@ def save_untrained_model(model, tokenizer, directory: Path) -> Path:
     import dataclasses
     import math
 
-    from tinylm.model import save_model
-    from tinylm.records.io import plain, write_record
-    from tinylm.records.model import ModelSummary
+    from tinylm.model import save_trained_model
+    from tinylm.records.model import TrainingSummary
 
-    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
-                           params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
-                           tokens_trained=0, final_train_loss=math.log(tokenizer.vocab_size),
-                           final_val_loss=math.log(tokenizer.vocab_size), tokenizer_fingerprint=tokenizer.fingerprint)
-    save_model(model, directory / "model.pt", extra=plain(summary))
-    write_record(directory / "model.json", summary)
+    summary = TrainingSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
+                              params_without_embeddings=model.num_params(include_embeddings=False), steps=0,
+                              tokens_trained=0, final_train_loss=math.log(tokenizer.vocab_size),
+                              final_val_loss=math.log(tokenizer.vocab_size), tokenizer_fingerprint=tokenizer.fingerprint)
+    save_trained_model(model, directory, summary)
     return directory
 
 
@@ -82,3 +118,47 @@ def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> str:
     if done.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{output}")
     return output
+
+
+def commit(repo: Path, message: str) -> None:
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+
+
+def tiny_copy(destination: Path) -> Path:
+    """A fresh copy of the project (`copy_repo`) with params.yaml composed on the tiny profile, committed."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    repo = copy_repo(destination)
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base=None):
+        tiny = OmegaConf.to_container(compose(config_name="config", overrides=["profile=tiny"]))
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    commit(repo, "tiny profile")
+    return repo
+
+
+def run_queue(repo: Path, workers: int, timeout: float = 600) -> str:
+    """`dvc queue start -j workers`, then wait until nothing is queued or running; the final `dvc queue status`."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    # The workers it spawns inherit its stdout: through a pipe, reading it would wait for the last worker.
+    with tempfile.TemporaryFile("w+") as log:
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        started = subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=repo, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, timeout=120)
+        log.seek(0)
+        assert started.returncode == 0, log.read()
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run_cmd(["dvc", "queue", "status"], repo)
+        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    run_cmd(["dvc", "queue", "stop"], repo)  # no idle worker left behind
+    return status

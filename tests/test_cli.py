@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from conftest import run_cmd, save_untrained_model
-from tinylm.cli.generate import Stream
+from tinylm.cli.generate import DEFAULT_STRATEGY, Stream, escape_controls, strategy_from
+from tinylm.cli.main import build_parser
 from tinylm.cli.main import main
 from tinylm.corpus.formats import iter_eot_stories, write_eot_stories
 from tinylm.generation.sampling import Greedy, Sample, Strategy, decode
@@ -40,6 +41,7 @@ TINYLM = Path(sys.executable).parent / "tinylm"
 BLOCK_SIZE = 32
 PROMPT = "Once upon a time"
 EMOJI_TEXT = "Zoë🙂"  # ë and 🙂 are 2 and 4 bytes that this small vocabulary does not merge
+CONTROL_TEXT = "\x1b[2J\x07ok"  # an escape sequence that clears a terminal, and its bell
 
 
 def tinylm(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -64,9 +66,13 @@ def save_trained(model: GPT, tokenizer: Tokenizer, directory: Path) -> Path:
     return save_untrained_model(model, tokenizer, directory)
 
 
-def random_model(tokenizer: Tokenizer, seed: int) -> GPT:
+def random_model(tokenizer: Tokenizer, seed: int, logit_scale: float = 1.0) -> GPT:
+    """A random GPT; logit_scale > 1 spreads its logits, so that some next tokens are far less likely than others."""
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE, n_layer=1, n_head=2, d_model=16))
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE, n_layer=1, n_head=2, d_model=16))
+    with torch.no_grad():
+        model.wte.weight.mul_(logit_scale)  # the tied LM head
+    return model
 
 
 def spelling_model(tokenizer: Tokenizer, after: int, chain: list[int]) -> GPT:
@@ -93,8 +99,9 @@ def spelling_model(tokenizer: Tokenizer, after: int, chain: list[int]) -> GPT:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, shared_dir) -> Path:
-    """data/tokenizer + data/model (seed 1), b/model (seed 2), spell/model, and other/tokenizer (another vocab),
-    in a folder the command takes for the repository root (it holds a .dvc/)."""
+    """data/tokenizer + data/model (seed 1), b/model (seed 2), peaked/model (its logits spread wide), spell/model,
+    control/model (spells CONTROL_TEXT) and other/tokenizer (another vocab), in a folder the command takes for the
+    repository root (it holds a .dvc/)."""
     root = tmp_path_factory.mktemp("cli")
     (root / ".dvc").mkdir()
     stories = list(itertools.islice(iter_eot_stories(shared_dir / "data/tinystories/TinyStories-valid-sample.txt"),
@@ -106,8 +113,10 @@ def work(tmp_path_factory, shared_dir) -> Path:
     tokenizer = load_tokenizer(root / "data/tokenizer")
     save_trained(random_model(tokenizer, seed=1), tokenizer, root / "data/model")
     save_trained(random_model(tokenizer, seed=2), tokenizer, root / "b/model")
+    save_trained(random_model(tokenizer, seed=3, logit_scale=10.0), tokenizer, root / "peaked/model")
     after = tokenizer.encode("Hi.")[-1]
     save_trained(spelling_model(tokenizer, after, tokenizer.encode(EMOJI_TEXT)), tokenizer, root / "spell/model")
+    save_trained(spelling_model(tokenizer, after, tokenizer.encode(CONTROL_TEXT)), tokenizer, root / "control/model")
     return root
 
 
@@ -131,7 +140,7 @@ def test_a_sample_depends_on_its_seed_only_and_equals_the_library_call(work, tok
     two = tinylm("generate", "--num-samples", "2", "--max-new-tokens", "20", PROMPT, cwd=work)
     one = tinylm("generate", "--seed", "1", "--max-new-tokens", "20", PROMPT, cwd=work)
     assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
-    first, second = (story(work / "data/model", tokenizer, Sample(), seed) for seed in (0, 1))
+    first, second = (story(work / "data/model", tokenizer, DEFAULT_STRATEGY, seed) for seed in (0, 1))
     assert two.stdout == f"--- sample 1/2, seed 0 ---\n{first}--- sample 2/2, seed 1 ---\n{second}"
     assert one.stdout == second  # seed 1 again, in another process and alone in its batch
     assert first != second
@@ -154,6 +163,29 @@ def test_every_strategy_streams_what_decode_returns(work, tokenizer, capsys, mon
     monkeypatch.chdir(work)
     assert main(["generate", *flags, "--seed", "3", "--max-new-tokens", "20", PROMPT]) == 0
     assert capsys.readouterr().out == story(work / "data/model", tokenizer, strategy, seed=3)
+
+
+@pytest.mark.parametrize("flags, strategy", [
+    ([], Sample(min_p=0.05)),  # what the README recommends for reading stories
+    (["--seed", "3", "--max-new-tokens", "9"], Sample(min_p=0.05)),  # not strategy flags
+    (["--strategy", "sample"], Sample()),  # the model's raw distribution
+    (["--strategy", "sample", "--temperature", "1"], Sample()),
+    (["--temperature", "0.7"], Sample(temperature=0.7)),  # only the knobs given: min-p is off
+    (["--min-p", "0.2"], Sample(min_p=0.2)),
+])
+def test_the_default_is_min_p_and_any_strategy_flag_means_only_the_flags_given(flags, strategy):
+    assert strategy_from(build_parser("generate").parse_args(["generate", *flags, PROMPT])) == strategy
+
+
+def test_the_default_story_is_min_p_sampling_and_strategy_sample_the_raw_distribution(work, tokenizer):
+    peaked = work / "peaked/model"  # about half of its next tokens are < 5% as likely as the likeliest
+    model = ["--model", str(peaked), "--tokenizer", str(work / "data/tokenizer"), "--max-new-tokens", "30"]
+    default = tinylm("generate", *model, PROMPT, cwd=work)
+    raw = tinylm("generate", *model, "--strategy", "sample", "--temperature", "1", PROMPT, cwd=work)
+    assert default.returncode == raw.returncode == 0, default.stderr + raw.stderr
+    assert default.stdout == story(peaked, tokenizer, Sample(min_p=0.05), max_new_tokens=30)
+    assert raw.stdout == story(peaked, tokenizer, Sample(), max_new_tokens=30)
+    assert default.stdout != raw.stdout  # the case under test: min-p cuts the tokens this model finds unlikely
 
 
 def test_no_cache_decodes_the_same_tokens(work, tokenizer, capsys, monkeypatch):
@@ -202,6 +234,46 @@ def test_characters_split_across_tokens_print_whole_and_it_stops_at_endoftext(wo
     assert all(float(row.split()[1]) > 0.999 and "unlikely" not in row for row in rows)
 
 
+def test_escape_controls_keeps_newlines_tabs_and_every_printable_character():
+    assert escape_controls("a\tb\nZoë🙂 \u00a0é") == "a\tb\nZoë🙂 \u00a0é"
+    assert escape_controls("\x1b[2J\r\x07\x00\x7f\x9b") == "\\x1b[2J\\r\\x07\\x00\\x7f\\x9b"
+
+
+def generate_on_a_terminal(work: Path, *args: str) -> bytes:
+    """What `tinylm generate` writes when its stdout is a terminal (a pseudo-terminal here), newlines as sent."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([str(TINYLM), "generate", *args], cwd=work, stdin=subprocess.DEVNULL, stdout=terminal,
+                               stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"})
+    os.close(terminal)
+    seen = bytearray()
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], 60)
+            assert ready, f"no output within 60 s; got {bytes(seen)!r}"
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the command closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+    return bytes(seen).replace(b"\r\n", b"\n")  # the terminal's own line endings
+
+
+def test_control_characters_in_a_story_are_escaped_on_a_terminal_unless_raw(work):
+    model = ["--model", str(work / "control/model"), "--tokenizer", str(work / "data/tokenizer"), "--strategy",
+             "greedy", "Hi."]
+    assert generate_on_a_terminal(work, *model) == b"Hi.\\x1b[2J\\x07ok\n"
+    assert generate_on_a_terminal(work, "--raw", *model) == f"Hi.{CONTROL_TEXT}\n".encode()
+    piped = tinylm("generate", *model, cwd=work)  # a pipe or a file gets the text as it is
+    assert piped.returncode == 0 and piped.stdout == f"Hi.{CONTROL_TEXT}\n", piped.stderr
+
+
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -215,9 +287,9 @@ def test_prompt_from_stdin_and_show_probs(work, tokenizer):
                     cwd=work, stdin=PROMPT + "\n")
     assert result.returncode == 0, result.stderr
     printed, table = result.stdout.split("\n\n")
-    assert printed + "\n" == story(work / "data/model", tokenizer, Sample(), seed=2, max_new_tokens=12)
+    assert printed + "\n" == story(work / "data/model", tokenizer, DEFAULT_STRATEGY, seed=2, max_new_tokens=12)
     generation, = decode(load_model(work / "data/model/model.pt"), [tokenizer.eot_id, *tokenizer.encode(PROMPT)],
-                         Sample(), 12, tokenizer.eot_id, [2])
+                         DEFAULT_STRATEGY, 12, tokenizer.eot_id, [2])
     rows = table.splitlines()[2:]
     assert len(rows) == len(generation.logprobs)
     for row, logprob in zip(rows, generation.logprobs):
@@ -281,7 +353,7 @@ def test_bad_input_is_one_line_naming_the_fix(work):
     before = sorted(work.rglob("*"))
     fails(tinylm("generate", "--model", str(work / "nowhere"), PROMPT, cwd=work), "dvc repro pretrain", "dvc pull")
     fails(tinylm("generate", "--tokenizer", str(work / "other/tokenizer"), PROMPT, cwd=work),
-          "trained with tokenizer", "dvc repro pretrain")
+          "trained with tokenizer", f"but {work / 'other/tokenizer'} is tokenizer", "dvc repro pretrain")
     fails(tinylm("generate", "   ", cwd=work), "the prompt is empty", "Once upon a time")
     fails(tinylm("generate", " ".join(["Once upon a time"] * 10), cwd=work),
           f"at most {BLOCK_SIZE}", f"shorten the prompt to {BLOCK_SIZE - 1} tokens")
@@ -343,6 +415,14 @@ def test_score_perplexity_is_exp_of_the_mean_forward_loss(work, tokenizer):
     assert int(worst.split()[0]) == max(range(len(nll)), key=nll.__getitem__) + 1
 
 
+def test_a_text_too_long_for_a_file_name_is_scored_as_text(work, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    text = (work / "story.txt").read_text(encoding="utf-8")[:600]  # > 255 bytes: the OS refuses it as a path
+    assert main(["score", "--top", "0", text]) == 0, capsys.readouterr().err
+    assert re.fullmatch(r"\d+ tokens: loss [\d.]+ nats/token, perplexity [\d.]+, [\d.]+ bits/byte\n",
+                        capsys.readouterr().out)
+
+
 def test_tokenize_prints_the_ids_of_encode(work, tokenizer):
     texts = ["strawberry", f" {EMOJI_TEXT} is\nhere"]
     result = tinylm("tokenize", *texts, cwd=work / "data")  # the repository root is found from below it
@@ -397,6 +477,17 @@ def test_rev_loads_the_model_of_a_commit_and_of_a_dvc_experiment(work, tokenizer
 
     fails(tinylm(*greedy, "--rev", "untrained", PROMPT, cwd=repo), "revision untrained has no trained model")
     fails(tinylm(*greedy, "--rev", "no-such-rev", PROMPT, cwd=repo), "unknown Git revision 'no-such-rev'")
+    # A revision whose tokenizer is not the model's (on a branch: main keeps model A's): the error names that
+    # revision's folder, not data/tokenizer.
+    run_cmd(["git", "switch", "-q", "-c", "mismatch"], repo)
+    shutil.rmtree(repo / "data/tokenizer")
+    shutil.copytree(work / "other/tokenizer", repo / "data/tokenizer")
+    run_cmd(["dvc", "add", "-q", "data/tokenizer"], repo)
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "commit", "-qm", "another tokenizer"], repo)
+    run_cmd(["git", "switch", "-q", "main"], repo)
+    fails(tinylm(*greedy, "--rev", "mismatch", PROMPT, cwd=repo), "mismatch:data/model: trained with tokenizer",
+          "but mismatch:data/tokenizer is tokenizer")
 
     shutil.rmtree(repo / ".dvc/cache")
     from_remote = tinylm(*greedy, "--rev", "main", PROMPT, cwd=repo)

@@ -99,6 +99,10 @@ def test_floats_load_either_way(raw, written):
     (lambda r: r["data"].update(story_start_regex="(unclosed"), "data.story_start_regex"),
     (lambda r: r["clean"].update(max_chars=10), "clean.max_chars"),
     (lambda r: r["eval"].update(stride=100000), "eval.stride"),
+    (lambda r: r["train"].update(sample_interval=-1), "train.sample_interval"),
+    (lambda r: r["train"].update(sample_tokens=0), "train.sample_tokens"),
+    (lambda r: r["train"].update(sample_prompts=[]), "train.sample_prompts"),
+    (lambda r: r["train"].update(sample_prompts="Once upon a time"), "train.sample_prompts"),
 ])
 def test_bad_params_name_the_key(raw, mutate, key):
     changed = copy.deepcopy(raw)
@@ -106,6 +110,16 @@ def test_bad_params_name_the_key(raw, mutate, key):
     with pytest.raises(ParamError) as error:
         parse_params(changed)
     assert str(error.value).startswith(f"{key}:"), str(error.value)
+
+
+def test_milestone_stories_are_on_by_default_cheap_in_the_tiny_profile_and_can_be_switched_off(repo_root, raw):
+    cpu = parse_params(raw).train
+    assert cpu.sample_interval == cpu.eval_interval and cpu.sample_prompts == parse_params(raw).sample.prompts
+    tiny = parse_params(compose_params(repo_root, ["profile=tiny"])).train
+    assert tiny.sample_interval == tiny.eval_interval and tiny.sample_tokens < cpu.sample_tokens
+    off = copy.deepcopy(raw)
+    off["train"].update(sample_interval=0, sample_prompts=[])  # no prompts needed when nothing is sampled
+    assert parse_params(off).train.sample_interval == 0
 
 
 def test_split_files_source_form(raw):

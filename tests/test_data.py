@@ -59,7 +59,7 @@ def test_hub_probe_times_out_on_a_silent_host(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen()
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        # Neither HF_HUB_OFFLINE nor HF_DATASETS_OFFLINE is set (conftest's hermetic_environment clears both).
         started = time.perf_counter()
         revision, reason = sources.probe_hub("roneneldan/TinyStories", 0.5)
         assert revision is None and "no answer" in reason

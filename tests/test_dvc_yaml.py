@@ -15,8 +15,9 @@ NOT_DEPENDENCIES = {"tinylm/config.py", "tinylm/errors.py"}
 # Knobs that change how a stage runs but no byte it writes (tests/test_execution_only.py proves it).
 EXECUTION_ONLY = {"clean.workers", "tokenizer.workers", "shards.workers", "train.checkpoint_interval",
                   "train.activation_checkpointing"}
-# pretrain runs its script under torchrun (after validating params.yaml); the others with plain python.
-LAUNCHERS = {"pretrain": "python -m torch.distributed.run "}
+# pretrain runs its script through its launcher, itself or under torchrun (after validating params.yaml);
+# the others with plain python.
+LAUNCHERS = {"pretrain": "python -m tinylm.training.launch "}
 
 
 def commands(stage: dict) -> list[str]:
@@ -68,7 +69,7 @@ def stages(repo_root):
 def test_every_stage_declares_exactly_the_code_it_runs(stages, repo_root):
     for name, stage in stages.items():
         script = commands(stage)[-1]
-        assert script.startswith(LAUNCHERS.get(name, "python ")) and script.endswith(f" stages/{name}.py"), script
+        assert script.startswith(LAUNCHERS.get(name, "python ")) and script.endswith(f" -m stages.{name}"), script
         declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
         expected = expected_code(name, repo_root)
         assert declared == expected, (f"{name}: add to its deps in dvc.yaml {sorted(expected - declared)}, "
@@ -128,3 +129,22 @@ def test_pretrain_launches_with_the_launch_params_only_through_its_cmd(stages, r
     assert templated_params(stages["pretrain"]) == launch <= params
     # Listing them under params: too would only record each twice in dvc.lock.
     assert not launch & set(stages["pretrain"]["params"])
+
+
+def test_a_stage_imports_the_tinylm_of_the_checkout_it_runs_in(tmp_path):
+    """A queued experiment runs in a copy of the repository under .dvc/tmp/exps/: its stages must import that
+    copy's tinylm, not the workspace's editable install (which may have been edited since it was queued)."""
+    import sys
+
+    from conftest import copy_repo, run_cmd
+
+    copy = copy_repo(tmp_path)
+    marker = f"tinylm imported from {copy / 'tinylm'}"
+    (copy / "tinylm/__init__.py").write_text(f"import sys\nprint({marker!r}, file=sys.stderr)\n")
+    output = run_cmd(["dvc", "repro", "download"], copy)
+    assert marker in output, output
+    # Why the cmds say `python -m stages.NAME`: run by path, a stage script would find the installed
+    # (workspace) package first.
+    (copy / "stages/where.py").write_text("import tinylm\n")
+    assert marker in run_cmd([sys.executable, "-m", "stages.where"], copy)
+    assert marker not in run_cmd([sys.executable, "stages/where.py"], copy)

@@ -14,10 +14,10 @@ from tinylm.corpus.formats import write_eot_stories
 from tinylm.evaluate import (check_spells_text, plan_windows, summarize, token_byte_lengths, token_nll, unigram_nll, untrained_model)
 from tinylm.model import load_trained_model
 from tinylm.files import write_json
-from tinylm.model import GPT, GPTConfig, save_model
+from tinylm.model import GPT, GPTConfig, save_trained_model
 from tinylm.errors import PipelineError
 from tinylm.records.io import write_record
-from tinylm.records.model import ModelSummary
+from tinylm.records.model import TrainingSummary
 
 BLOCK = 8
 CONFIG = GPTConfig(vocab_size=37, block_size=BLOCK, n_layer=2, n_head=2, d_model=16)
@@ -162,23 +162,25 @@ def test_the_stream_must_spell_the_clean_text(tokenizer, tmp_path):
 
 def test_load_trained_model_checks_the_tokenizer(tokenizer, tmp_path):
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, d_model=8))
-    summary = ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
-                           params_without_embeddings=model.num_params(include_embeddings=False), steps=1,
-                           tokens_trained=8, final_train_loss=5.0, final_val_loss=5.5,
-                           tokenizer_fingerprint=tokenizer.fingerprint)
-    save_model(model, tmp_path / "model.pt", extra={})
-    write_record(tmp_path / "model.json", summary)
+    summary = save_trained_model(model, tmp_path, TrainingSummary(
+        config=dataclasses.asdict(model.config), params=model.num_params(),
+        params_without_embeddings=model.num_params(include_embeddings=False), steps=1, tokens_trained=8,
+        final_train_loss=5.0, final_val_loss=5.5, tokenizer_fingerprint=tokenizer.fingerprint))
     loaded = load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
     assert torch.equal(loaded.wte.weight, model.wte.weight) and not loaded.training
     write_record(tmp_path / "model.json", dataclasses.replace(summary, tokenizer_fingerprint="0" * 64))
-    with pytest.raises(PipelineError, match="trained with tokenizer 0000.*dvc repro pretrain"):
+    with pytest.raises(PipelineError, match="trained with tokenizer 0000.*, but data/tokenizer is tokenizer "
+                                            f"{tokenizer.fingerprint[:16]}.*dvc repro pretrain"):
         load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
+    with pytest.raises(PipelineError, match="trained with tokenizer 0000.*, but /elsewhere/tok is tokenizer"):
+        load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"), tokenizer_dir="/elsewhere/tok")
     write_json(tmp_path / "model.json", {"tokenizer_fingerprint": tokenizer.fingerprint})
     with pytest.raises(PipelineError, match="model.json: has no key 'config'.*dvc repro pretrain"):
         load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
     write_record(tmp_path / "model.json", summary)
     (tmp_path / "model.pt").unlink()
-    with pytest.raises(PipelineError, match="cannot load the trained model.*dvc repro pretrain"):
+    with pytest.raises(PipelineError, match=r"model.pt: cannot be read \(No such file or directory\).*dvc checkout "
+                                            "data/model.*dvc repro pretrain"):
         load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu"))
     with pytest.raises(PipelineError, match="missing/model.json: missing.*dvc repro pretrain"):
         load_trained_model(tmp_path / "missing", tokenizer.fingerprint, torch.device("cpu"))

@@ -19,6 +19,8 @@ from tinylm.export.hf_model import SKIPPED, NotExportable, export_hf, verify_exp
 from tinylm.export.hf_tokenizer import write_hf_tokenizer
 from tinylm.generation.sampling import Greedy, generate
 from tinylm.model import GPT, GPTConfig, load_trained_model
+from tinylm.records.environment import Environment, current_environment
+from tinylm.records.io import read_record
 from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
 from tinylm.tokenizer.train import train_bpe
 
@@ -180,8 +182,10 @@ def test_stage_writes_a_model_transformers_loads_and_the_same_bytes_again(repo_r
     assert result.returncode == 0, result.stderr
     assert "export: gpt2 model" in result.stdout
     out = root / "data/export/hf"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                      "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "environment.json", "generation_config.json",
+                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    # The versions that wrote it (transformers puts its own into config.json), as the stage saw them.
+    assert read_record(out / "environment.json", Environment, "export") == current_environment()
 
     hf_tokenizer, hf = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     prompt = hf_tokenizer("Once upon a time", return_tensors="pt")
@@ -195,7 +199,8 @@ def test_stage_writes_a_model_transformers_loads_and_the_same_bytes_again(repo_r
     # rerun changes nothing DVC tracks.
     export_hf(model, reloaded_tokenizer, tmp_path / "again")
     for path in out.iterdir():
-        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+        if path.name != "environment.json":  # written by the stage beside export_hf's files
+            assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_stage_writes_only_the_skip_marker_for_a_model_it_cannot_export(repo_root, tokenizer, tmp_path):

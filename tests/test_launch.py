@@ -1,7 +1,9 @@
-"""pretrain's launch (dvc.yaml runs it under torchrun with train.nproc_per_node, train.nnodes and
-train.rdzv_endpoint): several processes, and several nodes, each equal to one process with the same
-global batch, recorded by `dvc exp run` like any experiment; one process (the default) writes the bytes
-`python stages/pretrain.py` writes; bad launch params fail naming the key.
+"""pretrain's launch (dvc.yaml runs it through tinylm.training.launch with torchrun's options from
+train.nproc_per_node, train.nnodes and train.rdzv_endpoint): several processes, and several nodes, each
+equal to one process with the same global batch, recorded by `dvc exp run` like any experiment; one
+process (the default) is `python stages/pretrain.py` itself, writing its bytes and ending on its error
+line; under several, the error lines are repeated after torchrun's summary; bad launch params fail
+naming the key.
 
 The end-to-end tests run the tiny profile in a temporary copy of the project, reproduced up to pretrain
 once; each then runs `dvc exp run ... pretrain`. The two "nodes" are two copies of it on this machine,
@@ -89,6 +91,50 @@ def test_a_launch_other_than_the_params_is_refused():
 
 def test_one_writer_per_node():
     assert [Distributed(rank, rank % 2, 4, 2).writes_outputs for rank in range(4)] == [True, False, True, False]
+
+
+LAUNCH = [sys.executable, "-m", "tinylm.training.launch", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
+STAGE_SCRIPT = """\
+import os, sys
+from tinylm.errors import PipelineError, run_stage
+
+def main():
+    print(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}, pid {os.getpid()}, argv {sys.argv[1:]}")
+    if sys.argv[1:] == ["fail"]:
+        raise PipelineError("the loss is nan at step 3: training diverged. Fix: lower train.lr")
+
+run_stage(main)
+"""
+
+
+def run_launcher(tmp_path: Path, nproc: int, *script_args: str) -> subprocess.CompletedProcess:
+    """The launcher, as dvc.yaml runs it, on a stage script that prints where it runs and fails on `fail`."""
+    (tmp_path / "stage.py").write_text(STAGE_SCRIPT)
+    return subprocess.run([*LAUNCH, "--nnodes", "1", "--nproc_per_node", str(nproc), "stage.py", *script_args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_one_process_is_the_script_itself_ending_on_its_error_line(tmp_path):
+    done = run_launcher(tmp_path, 1, "fail")
+    plain = subprocess.run([sys.executable, "stage.py", "fail"], cwd=tmp_path, capture_output=True, text=True)
+    # exec: the same process (its pid printed), no torchrun environment, the same output as plain python
+    assert done.returncode == plain.returncode == 2
+    assert done.stdout.startswith("rank None of None, pid ") and done.stdout.endswith(", argv ['fail']\n")
+    assert done.stderr == plain.stderr == ("error: the loss is nan at step 3: training diverged. Fix: lower "
+                                           "train.lr\n")
+
+
+def test_several_processes_repeat_their_error_line_after_torchruns_summary(tmp_path):
+    done = run_launcher(tmp_path, 2, "fail")
+    error = "error: the loss is nan at step 3: training diverged. Fix: lower train.lr"
+    assert done.returncode == 2, done.stderr
+    assert sorted(line.split(",")[0] for line in done.stdout.splitlines()) == ["rank 0 of 2", "rank 1 of 2"]
+    lines = done.stderr.splitlines()
+    assert lines[-1] == error and lines[-2].startswith("=====")  # after the summary, once though both failed
+    assert lines.count(error) == 3 and "stage.py FAILED" in done.stderr and "Traceback" not in done.stderr
+    succeeded = run_launcher(tmp_path, 2)
+    assert succeeded.returncode == 0 and "error" not in succeeded.stderr, succeeded.stderr
+    assert len(succeeded.stdout.splitlines()) == 2
 
 
 def inputs_for(world_size: int, **launch) -> dict:
@@ -232,7 +278,7 @@ def test_two_nodes_on_localhost_equal_two_processes_on_one_node(pipeline, two_pr
 @pytest.mark.slow
 def test_one_process_by_default_writes_what_plain_python_writes(reproduced, pipeline):
     _, output = reproduced
-    assert "> python -m torch.distributed.run --nnodes 1 --nproc_per_node 1" in output, output
+    assert "> python -m tinylm.training.launch --nnodes 1 --nproc_per_node 1" in output, output
     through_torchrun = {name: (pipeline / name).read_bytes() for name in MODEL_FILES}
     losses = logged_losses(pipeline)
     run_cmd([sys.executable, "stages/pretrain.py"], pipeline)
@@ -241,9 +287,29 @@ def test_one_process_by_default_writes_what_plain_python_writes(reproduced, pipe
 
 
 @pytest.mark.slow
+def test_a_diverging_dvc_exp_run_ends_with_its_one_line_before_dvcs(pipeline):
+    # Issue 18: the line was followed by torchrun's 30-line ChildFailedError traceback.
+    with pytest.raises(pytest.fail.Exception) as failed:
+        exp_run(pipeline, "train.lr=1000", "train.muon_lr=1000", name="diverged")
+    output = str(failed.value)
+    assert "Traceback" not in output and "ChildFailedError" not in output, output
+    ours, theirs = [line for line in output.splitlines() if "error:" in line.lower()][-2:]
+    assert ours.startswith("error: the loss is") and "training diverged" in ours and "Fix: lower train.lr" in ours
+    assert theirs.startswith("ERROR: failed to reproduce 'pretrain'"), output
+
+
+@pytest.mark.slow
 def test_dvc_exp_run_with_a_bad_launch_param_names_it(pipeline):
     with pytest.raises(pytest.fail.Exception) as failed:
         exp_run(pipeline, "train.nproc_per_node=0", name="bad")
     output = str(failed.value)
     assert "error: params.yaml: train.nproc_per_node: must be >= 1, got 0" in output, output
-    assert "> python -m torch.distributed.run" not in output, output  # stopped before torchrun started
+    assert "> python -m tinylm.training.launch" not in output, output  # stopped before the launch
+
+
+def test_the_launcher_runs_a_module_as_torchrun_does():
+    from tinylm.training.launch import parse_args, torchrun_args
+
+    options = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "h:1"]
+    assert torchrun_args(parse_args([*options, "-m", "stages.pretrain", "x"]))[-3:] == ["-m", "stages.pretrain", "x"]
+    assert torchrun_args(parse_args([*options, "stages/pretrain.py"]))[-1:] == ["stages/pretrain.py"]

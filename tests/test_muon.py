@@ -135,7 +135,7 @@ def test_grad_accumulation_with_muon_equals_one_big_batch(tmp_path):
 
 
 def test_muon_lowers_the_loss_and_logs_adamws_schedule(tmp_path):
-    p = params(optimizer="muon", max_steps=40, eval_interval=10, log_interval=5, lr=1e-2, min_lr=1e-3,
+    p = params(optimizer="muon", max_steps=40, eval_interval=10, log_interval=5, lr=1e-2, min_lr_ratio=0.1,
                muon_lr=0.05)
     result = run(tmp_path, p, MODERN)
     val = logged(tmp_path, "val_loss")

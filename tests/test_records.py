@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -28,13 +29,13 @@ from tinylm.errors import PipelineError
 from tinylm.evaluate import evaluate
 from tinylm.files import write_json
 from tinylm.generation.sweep import run_sweep
-from tinylm.model import GPT, GPTConfig, load_trained_model, save_model
+from tinylm.model import GPT, GPTConfig, load_trained_model, save_trained_model
 from tinylm.records.clean import CleanReport, CleanSplit
 from tinylm.records.download import Provenance
 from tinylm.records.shards import CheckedShardSplit, ShardsReport
 from tinylm.records.evaluation import EvalReport
-from tinylm.records.io import plain, read_record, read_records, write_record, write_records
-from tinylm.records.model import ModelSummary
+from tinylm.records.io import read_record, read_records, write_record, write_records
+from tinylm.records.model import ModelSummary, TrainingSummary
 from tinylm.records.sampling import GeneratedSample, SamplingReport
 from tinylm.records.tokenizer import TokenizerReport
 from tinylm.report.inputs import TrainMetrics
@@ -87,12 +88,12 @@ def tokens(clean_dir: Path, tokenizer: Tokenizer, split: str) -> np.ndarray:
     return np.array(tokenizer.encode((clean_dir / f"clean/{split}.txt").read_text(encoding="utf-8")), dtype=np.uint16)
 
 
-def model_summary(model: GPT, tokenizer: Tokenizer) -> ModelSummary:
-    """What stages/pretrain.py writes, for a model trained 3 steps of 64 tokens."""
-    return ModelSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
-                        params_without_embeddings=model.num_params(include_embeddings=False), steps=3,
-                        tokens_trained=192, final_train_loss=5.25, final_val_loss=5.5,
-                        tokenizer_fingerprint=tokenizer.fingerprint)
+def training_summary(model: GPT, tokenizer: Tokenizer) -> TrainingSummary:
+    """What stages/pretrain.py hands save_trained_model, for a model trained 3 steps of 64 tokens."""
+    return TrainingSummary(config=dataclasses.asdict(model.config), params=model.num_params(),
+                           params_without_embeddings=model.num_params(include_embeddings=False), steps=3,
+                           tokens_trained=192, final_train_loss=5.25, final_val_loss=5.5,
+                           tokenizer_fingerprint=tokenizer.fingerprint)
 
 
 def sweep(model: GPT, tokenizer: Tokenizer) -> tuple[list[GeneratedSample], SamplingReport]:
@@ -127,7 +128,8 @@ def produced(clean_dir, params, tokenizer, model, shared_dir) -> dict[str, tuple
     return {"provenance.json": (provenance, Provenance, "download"), "clean.json": (clean, CleanReport, "clean"),
             "shards.json": (shards, ShardsReport, "encode_shards"),
             "tokenizer.json": (stats, TokenizerReport, "train_bpe"),
-            "model.json": (model_summary(model, tokenizer), ModelSummary, "pretrain"),
+            "model.json": (save_trained_model(model, clean_dir / "model", training_summary(model, tokenizer)),
+                           ModelSummary, "pretrain"),
             "eval.json": (evaluation, EvalReport, "evaluate_ppl"),
             "sampling.json": (sampling, SamplingReport, "sample_sweep")}
 
@@ -188,9 +190,18 @@ def test_dvclive_metrics_are_read_for_the_keys_the_report_uses(tmp_path):
         read_record(tmp_path / "metrics.json", TrainMetrics, "pretrain")
 
 
+def test_model_json_records_the_sha256_of_model_pt_and_its_extra_the_rest(model, tokenizer, tmp_path):
+    summary = training_summary(model, tokenizer)
+    record = save_trained_model(model, tmp_path, summary)
+    assert record.model_sha256 == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
+    assert read_record(tmp_path / "model.json", ModelSummary, "pretrain") == record
+    assert dataclasses.asdict(record) == {**dataclasses.asdict(summary), "model_sha256": record.model_sha256}
+    extra = torch.load(tmp_path / "model.pt", weights_only=True)["extra"]
+    assert extra == dataclasses.asdict(summary)  # the file cannot hold its own hash
+
+
 def test_load_trained_model_reads_model_json_as_its_record(model, tokenizer, tmp_path):
-    save_model(model, tmp_path / "model.pt", extra=plain(model_summary(model, tokenizer)))
-    write_record(tmp_path / "model.json", model_summary(model, tokenizer))
+    save_trained_model(model, tmp_path, training_summary(model, tokenizer))
     assert load_trained_model(tmp_path, tokenizer.fingerprint, torch.device("cpu")).config == model.config
     broken = json.loads((tmp_path / "model.json").read_text())
     broken["tokenizer_fingerprint"] = None

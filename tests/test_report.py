@@ -1,6 +1,6 @@
 """The report stage on a small but well-formed set of pipeline outputs.
 
-The outputs are made by the producers' own code where it is cheap (BPE training, save_model, the
+The outputs are made by the producers' own code where it is cheap (BPE training, save_trained_model, the
 dvclive metric log, evaluate, the sampling sweep) and otherwise built by hand as the stages' typed
 records (tinylm/records/), written as the stages write them: a renamed record field fails here.
 """
@@ -27,13 +27,15 @@ from tinylm.evaluate import evaluate
 from tinylm.files import write_json
 from tinylm.records.clean import CleanReport, CleanSplit
 from tinylm.records.download import DownloadedSplit, Provenance
+from tinylm.records.environment import current_environment
 from tinylm.records.shards import CheckedShardSplit, ShardSplit, ShardsReport
 from tinylm.records.splits import Splits
-from tinylm.records.io import plain, write_record, write_records
-from tinylm.records.model import ModelSummary
+from tinylm.records.io import write_record, write_records
+from tinylm.records.model import TrainingSummary
 from tinylm.records.tokenizer import Compression, ExampleTokens, LearnedCompression, TokenizerReport
 from tinylm.training.metrics_log import MetricLog
-from tinylm.model import GPT, GPTConfig, save_model
+from tinylm.training.milestones import sample_milestone
+from tinylm.model import GPT, GPTConfig, save_trained_model
 from tinylm.report.sections import REPORT, architecture, build_report, escape, write_report
 from tinylm.errors import PipelineError
 from tinylm.generation.sweep import run_sweep
@@ -43,6 +45,7 @@ SECTIONS = ["## Data", "## Tokenizer", "## Model", "## Training", "## Evaluation
 PIPE_SAMPLE = "a cat | a dog\nand *more* <b>"
 ATTENTION_TOKENS = 12
 BATCH_TOKENS = 64
+MILESTONE_STEPS = (0, 10, 15, 20)
 CLEAN_REPORT = CleanReport(
     train=CleanSplit(stories_in=60, stories_out=52, mojibake_repaired=3,
                      dropped={"duplicate": 2, "too_short": 5, "truncated": 1}),
@@ -101,12 +104,11 @@ def make_pipeline_outputs(root: Path, shared_dir: Path) -> dict:
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=3, d_model=24)
     model = GPT(config).eval()
     steps = 20
-    summary = ModelSummary(config=dataclasses.asdict(config), params=model.num_params(),
-                           params_without_embeddings=model.num_params(include_embeddings=False), steps=steps,
-                           tokens_trained=steps * BATCH_TOKENS, final_train_loss=4.5, final_val_loss=4.75,
-                           tokenizer_fingerprint=tokenizer.fingerprint)
-    save_model(model, root / "data/model/model.pt", extra=plain(summary))
-    write_record(root / "data/model/model.json", summary)
+    summary = save_trained_model(model, root / "data/model", TrainingSummary(
+        config=dataclasses.asdict(config), params=model.num_params(),
+        params_without_embeddings=model.num_params(include_embeddings=False), steps=steps,
+        tokens_trained=steps * BATCH_TOKENS, final_train_loss=4.5, final_val_loss=4.75,
+        tokenizer_fingerprint=tokenizer.fingerprint))
 
     log = MetricLog(root / "reports/train", [], enabled=True)
     log.summary(batch_tokens=BATCH_TOKENS, params=summary.params,
@@ -119,6 +121,11 @@ def make_pipeline_outputs(root: Path, shared_dir: Path) -> dict:
                       tokens_per_s=1000.0 + step, mfu=0.01, elapsed_s=float(step))
     log.write(steps, val_loss=summary.final_val_loss)
     log.finish()
+    # Milestones at the validation steps, and one (15) between them, which has no val loss to show.
+    milestones = [row for step in MILESTONE_STEPS
+                  for row in sample_milestone(model, tokenizer, ["Once upon a time"], 6, 0, step)]
+    write_records(root / "reports/train/samples.jsonl", milestones)
+    write_record(root / "data/model/environment.json", current_environment())
 
     report = evaluate(model, val_tokens[:200], [train_tokens], tokenizer, stride=16, batch_size=4, init_seed=0)
     write_record(root / "reports/eval.json", report)
@@ -130,7 +137,8 @@ def make_pipeline_outputs(root: Path, shared_dir: Path) -> dict:
     records[0] = dataclasses.replace(records[0], completion=PIPE_SAMPLE)
     write_records(root / "reports/samples.jsonl", records)
     write_record(root / "reports/sampling.json", metrics)
-    return {"eval": report, "sampling": metrics, "summary": summary, "records": records, "config": config}
+    return {"eval": report, "sampling": metrics, "summary": summary, "records": records, "config": config,
+            "milestones": milestones}
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +224,29 @@ def test_sample_text_is_escaped_and_trimmed_inside_its_table_cell(written, pipel
     assert made["records"][0].prompt in text
 
 
+def test_the_stories_table_shows_each_milestones_greedy_story_beside_its_val_loss(written, pipeline):
+    _, text = written
+    _, made = pipeline
+    training = text[text.index("\n## Training\n"):text.index("\n## Evaluation\n")]
+    assert "\n### How the stories improved\n" in training
+    table_rows = [line for line in training.splitlines() if line.startswith("| ") and "**Once upon a time**" in line]
+    greedy = [row for row in made["milestones"] if row.strategy == "greedy"]
+    assert len(greedy) == len(MILESTONE_STEPS) and len(made["milestones"]) == 2 * len(MILESTONE_STEPS)
+    val_losses = {0: "6.0000", 10: "5.0000", 15: "–", 20: "4.7500"}  # 20: the final validation
+    assert [row.split(" | ")[:2] for row in table_rows] == [[f"| {s}", val_losses[s]] for s in MILESTONE_STEPS]
+    for line, row in zip(table_rows, greedy):
+        assert line.endswith(" | " + escape(row.prompt).join(["**", "**"]) + escape(row.text) + " |")
+    assert "`reports/train/samples.jsonl`" in training
+
+
+def test_a_run_without_milestones_says_so(pipeline, params, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(pipeline[0], root)
+    (root / "reports/train/samples.jsonl").write_text("")  # train.sample_interval: 0 writes an empty file
+    text = build_report(root, params).markdown()
+    assert "### How the stories improved\n\nNo stories were sampled during training" in text
+
+
 def test_the_markdown_renders_as_tables_and_images(written):
     """Rendered by a CommonMark + GFM-tables parser (markdown-it, as GitHub's parser behaves on these)."""
     markdown_it = pytest.importorskip("markdown_it")
@@ -250,6 +281,7 @@ def test_attention_figure_has_a_panel_per_head(pipeline, params):
     ("reports/train/plots/metrics/grad_norm.tsv", "pretrain"),
     ("data/raw/provenance.json", "download"),
     ("reports/samples.jsonl", "sample_sweep"),
+    ("reports/train/samples.jsonl", "pretrain"),
     ("data/clean/val.txt", "clean"),
 ])
 def test_a_missing_input_names_the_file_and_the_stage_to_rerun(pipeline, params, tmp_path, relative, stage):

@@ -1,4 +1,4 @@
-"""The shard format: header round trip, every corruption is a clear error, splits reassemble."""
+"""The shard format: header round trip, every corruption (header or payload) is a clear error, splits reassemble."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm.corpus.shards import (HEADER_BYTES, MAGIC, ShardError, load_split, read_header, read_shard, remove_stale_shards, shard_path, write_shard, write_split)
+from tinylm.corpus.shards import (HEADER_BYTES, MAGIC, ShardError, load_split, payload_checksum, read_header,
+                                  read_shard, remove_stale_shards, shard_path, write_shard, write_split)
 from tinylm.errors import PipelineError
 
 FINGERPRINT = hashlib.sha256(b"tokenizer A").hexdigest()
@@ -34,6 +35,8 @@ def shard(tmp_path: Path, tokens: np.ndarray) -> Path:
 def test_header_and_tokens_round_trip(shard: Path, tokens: np.ndarray) -> None:
     header = read_header(shard)
     assert (header.token_count, header.vocab_size, header.tokenizer_fingerprint) == (5000, VOCAB, FINGERPRINT)
+    assert header.version == 2
+    assert header.checksum == payload_checksum(tokens).hex() != payload_checksum(tokens[1:]).hex()
     assert shard.stat().st_size == HEADER_BYTES + 2 * tokens.size
     ids = read_shard(shard, FINGERPRINT)
     assert ids.dtype == np.uint16
@@ -56,12 +59,21 @@ def _rewrite(path: Path, offset: int, data: bytes) -> None:
 
 CORRUPTIONS = {
     "magic": (lambda p: _rewrite(p, 0, b"GARBAGE!"), "not a token shard"),
-    "version": (lambda p: _rewrite(p, len(MAGIC), struct.pack("<I", 2)), "format version 2"),
+    "version 1": (lambda p: _rewrite(p, len(MAGIC), struct.pack("<I", 1)),
+                  "format version 1 (older code: shards without a payload checksum), this code reads version 2"),
+    "version 3": (lambda p: _rewrite(p, len(MAGIC), struct.pack("<I", 3)), "format version 3, this code reads"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-3]), "truncated"),
     "extra bytes": (lambda p: p.write_bytes(p.read_bytes() + b"\0\0"), "extra bytes"),
     "header cut short": (lambda p: p.write_bytes(p.read_bytes()[:100]), "shorter than the 1024-byte header"),
     "dirty padding": (lambda p: _rewrite(p, HEADER_BYTES - 1, b"\x01"), "corrupt header"),
     "count overwritten": (lambda p: _rewrite(p, 20, struct.pack("<Q", 10**6)), "truncated"),
+    # The payload: an id past the vocabulary gets its own name (it would index past the embedding), any
+    # other changed byte fails the checksum.
+    "ids past the vocabulary": (lambda p: _rewrite(p, HEADER_BYTES + 2 * 1000, b"\xff" * 10),
+                                "token id 65535 at position 1000 is outside the tokenizer's vocabulary (4096 ids)"),
+    "an id changed": (lambda p: _rewrite(p, HEADER_BYTES + 2 * 4321, struct.pack("<H", 4095)),
+                      "its ids do not match the header's checksum"),
+    "checksum overwritten": (lambda p: _rewrite(p, 64, b"\0" * 8), "its ids do not match the header's checksum"),
 }
 
 
@@ -74,6 +86,27 @@ def test_corruption_is_a_clear_error(shard: Path, case: str) -> None:
     message = str(info.value)
     assert expected in message and str(shard) in message and "dvc repro encode_shards" in message
     assert isinstance(info.value, PipelineError)  # stages print it as one line, exit code 2
+
+
+def test_an_old_format_shard_names_the_rewrite(tmp_path: Path, tokens: np.ndarray) -> None:
+    # Version 1 as the code before payload checksums wrote it: the header without the checksum field.
+    path = tmp_path / "val_0000.bin"
+    header = struct.pack("<8sI8sQI32s", MAGIC, 1, b"<u2", tokens.size, VOCAB, bytes.fromhex(FINGERPRINT))
+    path.write_bytes(header.ljust(HEADER_BYTES, b"\0") + tokens.astype("<u2").tobytes())
+    with pytest.raises(ShardError, match=r"val_0000\.bin: shard format version 1 \(older code: shards without a "
+                                         r"payload checksum\), this code reads version 2\. Fix: rerun `dvc repro "
+                                         r"encode_shards` to rewrite the shards"):
+        load_split(tmp_path, "val", FINGERPRINT)
+
+
+def test_ids_past_the_vocabulary_are_named_even_under_a_matching_checksum(tmp_path: Path) -> None:
+    # A shard from another writer, its checksum right but its ids beyond the vocabulary the header gives.
+    ids = np.array([5, 4096, 7], dtype="<u2")
+    header = struct.pack("<8sI8sQI32s8s", MAGIC, 2, b"<u2", ids.size, VOCAB, bytes.fromhex(FINGERPRINT),
+                         payload_checksum(ids))
+    (tmp_path / "s.bin").write_bytes(header.ljust(HEADER_BYTES, b"\0") + ids.tobytes())
+    with pytest.raises(ShardError, match=r"token id 4096 at position 1 is outside the tokenizer's vocabulary"):
+        read_shard(tmp_path / "s.bin")
 
 
 def test_other_tokenizer_is_refused(shard: Path) -> None:

@@ -20,7 +20,7 @@ from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    p = params(max_steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    p = params(max_steps=110, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     lrs = [lr_at(s, p) for s in range(p.max_steps)]
     assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
     assert lrs[10] == pytest.approx(1e-3)
@@ -189,7 +189,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_training_lowers_the_loss_and_logs_every_metric(tmp_path):
-    p = params(max_steps=40, eval_interval=10, log_interval=5, lr=1e-2, min_lr=1e-3)
+    p = params(max_steps=40, eval_interval=10, log_interval=5, lr=1e-2, min_lr_ratio=0.1)
     result = run(tmp_path, p)
     val = logged(tmp_path, "val_loss")
     assert sorted(val) == [0, 10, 20, 30, 40]

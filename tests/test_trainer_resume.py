@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from tinylm.training.checkpoint import Position, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from tinylm.training.checkpoint import (Position, load_checkpoint, read_checkpoint, remove_stale_temp_files,
+                                       save_checkpoint)
 from tinylm.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
 
@@ -63,7 +64,7 @@ def test_signal_saves_and_rerun_continues_identically(tmp_path, monkeypatch, ref
     after_step(monkeypatch, 9, lambda trainer: os.kill(os.getpid(), signum))
     with pytest.raises(TrainingInterrupted, match="after step 10"):  # the signal lands during step 9's tail
         run(tmp_path, RESUME_PARAMS, dropout_config())
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    checkpoint = read_checkpoint(tmp_path / "ckpt" / "last.pt")
     assert checkpoint["step"] == 11
     assert signal.getsignal(signum) is not None  # handlers restored
     monkeypatch.undo()
@@ -105,7 +106,7 @@ def test_crash_resumes_from_last_periodic_checkpoint_without_duplicate_rows(tmp_
     after_step(monkeypatch, 10, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path, RESUME_PARAMS, dropout_config())
-    assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["step"] == 8
+    assert read_checkpoint(tmp_path / "ckpt" / "last.pt")["step"] == 8
     monkeypatch.undo()
     run(tmp_path, RESUME_PARAMS, dropout_config())
     assert_same_history(reference_dir, tmp_path)  # also fails on any repeated step
@@ -144,7 +145,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     after_step(monkeypatch, 5, poison)
     with pytest.raises(TrainingDiverged, match="at step 6"):
         run(tmp_path, p)
-    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    state = read_checkpoint(tmp_path / "ckpt" / "last.pt")
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -176,7 +177,7 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(delay)
         process.kill()  # SIGKILL, mid-save or not
         process.wait()
-        state = torch.load(path, weights_only=True)
+        state = read_checkpoint(path)
         assert torch.equal(state["blob"], torch.full((1_000_000,), float(state["i"])))
     # A killed save may leave its temp file behind; the trainer removes such leftovers.
     save_checkpoint(path, {"i": -1})

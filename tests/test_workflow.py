@@ -7,15 +7,12 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conftest import copy_repo, run_cmd
+from conftest import commit, run_cmd, run_queue, tiny_copy
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = ["download", "clean", "train_bpe", "encode_shards", "pretrain", "evaluate_ppl",
@@ -48,26 +45,11 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '(\w+)'", output))
 
 
-def commit(repo: Path, message: str) -> None:
-    run_cmd(["git", "add", "-A"], repo)
-    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
-
-
 def back_to_baseline(repo: Path, *stages: str) -> None:
     """Undo an applied experiment: the committed params and lock, and the outputs of the stages (all of them
     unless named; name them where only some were reproduced, since the others' outputs are in no cache)."""
     run_cmd(["git", "checkout", "--", "."], repo)
     run_cmd(["dvc", "checkout", "--force", *stages], repo)
-
-
-def tiny_copy(destination: Path) -> Path:
-    """A fresh copy of the project (`copy_repo`) with params.yaml composed on the tiny profile, committed."""
-    repo = copy_repo(destination)
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base=None):
-        tiny = OmegaConf.to_container(compose(config_name="config", overrides=["profile=tiny"]))
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
-    commit(repo, "tiny profile")
-    return repo
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +172,7 @@ def test_queued_experiments_that_rerun_download_succeed_in_parallel(repo):
     for stories in (200, 250):
         run_cmd(["dvc", "exp", "run", "--queue", "-S", "profile=tiny", "-S", f"data.max_train_stories={stories}",
                  "-n", f"q{stories}"], repo)
-    run_cmd(["dvc", "queue", "start", "-j", "2"], repo)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run_cmd(["dvc", "queue", "status"], repo)
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(3)
+    status = run_queue(repo, workers=2)
     assert status.count("Success") == 2, status + run_cmd(["dvc", "queue", "logs", "q200"], repo)
     shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo))
     runs = {exp["name"]: exp["revs"][0]["data"] for row in shown for exp in row.get("experiments") or []}

@@ -19,10 +19,11 @@ TOKENIZER_FINGERPRINT = "ab" * 32
 def params(**overrides) -> TrainParams:
     values = dict(seed=3, device="cpu", precision="fp32", compile=False, activation_checkpointing=False,
                   micro_batch_size=4, grad_accum_steps=1, nproc_per_node=1, nnodes=1, rdzv_endpoint="127.0.0.1:0",
-                  max_steps=16, lr=3e-3, min_lr=3e-4, warmup_steps=3,
+                  max_steps=16, lr=3e-3, min_lr_ratio=0.1, warmup_steps=3,
                   weight_decay=0.1, beta1=0.9, beta2=0.95, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95,
                   muon_weight_decay=0.0, grad_clip=1.0, eval_interval=5, eval_batches=2,
-                  log_interval=1, checkpoint_interval=4, peak_flops=1e12)
+                  sample_interval=0, sample_prompts=["Once upon a time"], sample_tokens=8, log_interval=1,
+                  checkpoint_interval=4, peak_flops=1e12)
     values.update(overrides)
     result = TrainParams(**values)
     result.check("train")

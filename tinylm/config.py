@@ -194,7 +194,9 @@ class TrainParams:
     rdzv_endpoint: str  # HOST:PORT where the nodes meet (c10d); port 0 picks a free one (one node only)
     max_steps: int
     lr: float
-    min_lr: float
+    # The schedule's floor as a fraction of each peak: AdamW decays to min_lr_ratio x lr, Muon to
+    # min_lr_ratio x muon_lr, whatever lr is (docs/params-and-recipes.md, "A lower learning rate").
+    min_lr_ratio: float
     warmup_steps: int
     weight_decay: float
     beta1: float
@@ -208,6 +210,11 @@ class TrainParams:
     grad_clip: float
     eval_interval: int
     eval_batches: int
+    # Stories at milestones (docs/training.md): at step 0, every sample_interval steps (0: off) and at the
+    # end, a greedy and a min-p continuation of at most sample_tokens tokens of each prompt.
+    sample_interval: int
+    sample_prompts: list[str]
+    sample_tokens: int
     log_interval: int
     checkpoint_interval: int
     peak_flops: float
@@ -216,7 +223,7 @@ class TrainParams:
         _at_least(self, key, micro_batch_size=1, grad_accum_steps=1, max_steps=1, eval_interval=1, eval_batches=1,
                   log_interval=1, checkpoint_interval=1)
         _require(self.lr > 0, f"{key}.lr", "must be > 0")
-        _require(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, train.lr]")
+        _require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be in [0, 1] (a fraction of the peak lr)")
         _require(0 <= self.warmup_steps < self.max_steps, f"{key}.warmup_steps", "must be in [0, train.max_steps)")
         _at_least(self, key, weight_decay=0)
         _require(0 <= self.beta1 < 1, f"{key}.beta1", "must be in [0, 1)")
@@ -226,6 +233,9 @@ class TrainParams:
         _at_least(self, key, muon_weight_decay=0)
         _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
         _require(self.peak_flops > 0, f"{key}.peak_flops", "must be > 0 (FLOP/s of the device, for MFU)")
+        _at_least(self, key, sample_interval=0, sample_tokens=1)
+        _require(self.sample_interval == 0 or len(self.sample_prompts) >= 1, f"{key}.sample_prompts",
+                 "list at least one prompt, or set train.sample_interval: 0 to sample no stories")
         self._check_launch(key)
 
     def _check_launch(self, key: str) -> None:

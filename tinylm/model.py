@@ -23,8 +23,10 @@ the same logits as a full forward over the whole sequence.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,9 +38,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tinylm.config import ModelParams
 from tinylm.errors import PipelineError
-from tinylm.files import write_bytes
-from tinylm.records.io import read_record
-from tinylm.records.model import ModelSummary
+from tinylm.files import sha256_file, write_bytes
+from tinylm.records.io import plain, read_record, write_record
+from tinylm.records.model import ModelSummary, TrainingSummary
 
 
 POSITIONS = ("learned", "rope")
@@ -351,8 +353,9 @@ class GPT(nn.Module):
         return GPTOutput(logits, loss, hidden if return_hidden else None)
 
 
-def save_model(model: GPT, path: str | Path, extra: dict[str, Any]) -> None:
+def save_model(model: GPT, path: str | Path, extra: dict[str, Any]) -> str:
     """Weights and config only (no optimizer), written atomically; the same weights give the same bytes.
+    Returns the sha256 of the bytes written.
 
     torch.save names the zip archive's inner folder after the file it writes to, which for an
     atomic write is a random temp name; saved through a buffer, the folder is always `archive`,
@@ -361,7 +364,9 @@ def save_model(model: GPT, path: str | Path, extra: dict[str, Any]) -> None:
     payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict(), "extra": extra}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
@@ -371,17 +376,46 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GP
     return model.to(map_location).eval()
 
 
-def load_trained_model(model_dir: str | Path, tokenizer_fingerprint: str, device: torch.device) -> GPT:
-    """model.pt from the pretrain stage, once model.json shows it was trained on this tokenizer's ids."""
+def save_trained_model(model: GPT, directory: str | Path, summary: TrainingSummary) -> ModelSummary:
+    """The pretrain stage's outputs: model.pt (the summary as its extra), then model.json, the summary and
+    model.pt's sha256. In that order, a crash between the two leaves a model.json whose hash does not
+    match the new weights: a reader refuses the pair instead of describing new weights with an old record."""
+    directory = Path(directory)
+    record = ModelSummary(**dataclasses.asdict(summary),
+                          model_sha256=save_model(model, directory / "model.pt", extra=plain(summary)))
+    write_record(directory / "model.json", record)
+    return record
+
+
+def load_trained_model(model_dir: str | Path, tokenizer_fingerprint: str, device: torch.device,
+                       tokenizer_dir: str | Path = "data/tokenizer") -> GPT:
+    """model.pt from the pretrain stage, once model.json shows it was trained on the ids of the tokenizer
+    read from `tokenizer_dir` and model.pt's sha256 is the one model.json records.
+
+    The hash is checked here, where the file is read, because the readers (the stages, `tinylm`,
+    `tinylm --model DIR` outside any DVC repository) open the file directly: `dvc status` would notice
+    a damaged file, but nothing runs it. Hashing the gpu profile's 115 MB takes 0.1-0.2 s (docs/integrity.md).
+    """
     model_dir = Path(model_dir)
-    fix = "Fix: run `dvc repro pretrain`"
+    weights = model_dir / "model.pt"
     summary = read_record(model_dir / "model.json", ModelSummary, "pretrain")
-    try:
-        model = load_model(model_dir / "model.pt", map_location=device)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{model_dir}: cannot load the trained model ({exc}). {fix}.") from None
     if summary.tokenizer_fingerprint != tokenizer_fingerprint:
         raise PipelineError(f"{model_dir}: trained with tokenizer {summary.tokenizer_fingerprint[:16]}…, but "
-                            f"data/tokenizer is {tokenizer_fingerprint[:16]}…: its ids would mean other tokens. "
-                            f"{fix}.")
-    return model
+                            f"{tokenizer_dir} is tokenizer {tokenizer_fingerprint[:16]}…: its ids would mean other "
+                            "tokens. Fix: use the tokenizer the model was trained with, or train the model on this "
+                            "one with `dvc repro pretrain`.")
+    fix = "Fix: restore it with `dvc checkout data/model`, or train it again with `dvc repro pretrain`"
+    try:
+        digest = sha256_file(weights)
+    except OSError as exc:
+        raise PipelineError(f"{weights}: cannot be read ({exc.strerror or exc}). {fix}.") from None
+    if digest != summary.model_sha256:
+        raise PipelineError(f"{weights}: its sha256 is {digest[:16]}…, but {model_dir / 'model.json'} records "
+                            f"{summary.model_sha256[:16]}…: the weights are damaged, or not the ones that record "
+                            f"describes. {fix}.")
+    try:
+        return load_model(weights, map_location=device)
+    except (RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        # Its hash matched, so the record came with these bytes: written by another version of this code.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{weights}: cannot be loaded ({first_line}). {fix}.") from None

@@ -9,6 +9,12 @@ is known only when the search ends, so it is printed then.
 The prompt follows <|endoftext|>, as every story does in training (and as the sample sweep's
 prompts do). Sample i of --num-samples is drawn with seed --seed + i, alone in its batch (a sample
 depends on its seed only), so each prints as it is decoded and any one can be redrawn by its seed.
+
+With neither --strategy nor a strategy knob, stories are sampled with min-p 0.05
+(DEFAULT_STRATEGY), which reads better than the model's raw distribution; otherwise exactly the
+flags given count (`--strategy sample`, with or without `--temperature 1`, is the raw
+distribution). On a terminal, control characters in a story are printed escaped (\\x1b), since
+an escape sequence a model emits would drive the terminal; `--raw`, or a pipe, gets the text as it is.
 """
 from __future__ import annotations
 
@@ -18,11 +24,13 @@ import dataclasses
 import math
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 
+from tinylm.cli.inputs import FIX, argument_text, stdin_text
 from tinylm.cli.models import Loaded, add_source_arguments, load, print_heading, resolve_device, sources
 from tinylm.cli.tokens import shown
 from tinylm.errors import PipelineError
@@ -33,14 +41,19 @@ from tinylm.tokenizer.bpe import Tokenizer
 
 STRATEGIES: dict[str, type[Strategy]] = {"greedy": Greedy, "sample": Sample, "beam": Beam, "contrastive": Contrastive}
 MAX_NEW_TOKENS = 200  # a TinyStories story is about 150-250 tokens
+# With no decoding flag: min-p keeps the tokens at least 5% as likely as the best one, which cuts the
+# long tail that sends plain sampling astray (the README's samples), yet keeps stories varied.
+DEFAULT_STRATEGY = Sample(min_p=0.05)
+KEPT_CONTROLS = "\n\t"  # the control characters a story is made of
 
 DESCRIPTION = """\
 Continue PROMPT with the trained model, printing the story as it is decoded, until the model ends
 it (<|endoftext|>) or --max-new-tokens. The prompt comes from the argument, else from stdin when
 it is piped; with neither, on a terminal, each line you type starts a story (Ctrl-C stops a
-story, Ctrl-D quits). Beam search cannot stream (its hypotheses change until the search ends): its
-story is printed when it is done. With several --rev, every revision tells its stories with the
-same seeds, one revision after the other."""
+story, Ctrl-D quits). By default stories are sampled with min-p 0.05; --strategy sample alone
+is the model's raw distribution. Beam search cannot stream (its hypotheses change until the
+search ends): its story is printed when it is done. With several --rev, every revision tells its
+stories with the same seeds, one revision after the other."""
 
 EPILOG = """\
 examples:
@@ -98,6 +111,7 @@ class Settings:
     show_probs: bool
     low_prob: float
     stats: bool
+    escape: bool  # control characters shown escaped (stdout is a terminal and no --raw)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,8 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the start of the story (default: stdin when piped, else an interactive loop)")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--strategy", choices=STRATEGIES,
-                          help="default: sample, or the strategy whose knobs are given; beam prints its story when "
-                               "the search ends, it cannot stream")
+                          help="default: the strategy whose knobs are given (a knob not given is off); with "
+                               "neither --strategy nor a knob, sample with --min-p 0.05; beam prints its story "
+                               "when the search ends, it cannot stream")
     decoding.add_argument("--seed", type=int, default=0, help="seed of the first sample (default: %(default)s)")
     decoding.add_argument("--num-samples", type=int, default=1, metavar="N",
                           help="stories to sample, with seeds seed, seed + 1, ... (default: %(default)s)")
@@ -121,6 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for knob in (k for k in KNOBS if k.strategy == strategy):
             default = "off" if knob.default is None else knob.default
+            if knob.strategy == "sample" and getattr(DEFAULT_STRATEGY, knob.field) != knob.default:
+                default = f"{default}; {getattr(DEFAULT_STRATEGY, knob.field)} with neither --strategy nor a knob"
             group.add_argument(knob.flag, type=knob.type, metavar=knob.metavar,
                                help=f"{knob.help} (default: {default})")
     output = parser.add_argument_group("output")
@@ -130,6 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--low-prob", type=float, default=0.05, metavar="P",
                         help="--show-probs marks tokens of probability below P (default: %(default)s)")
     output.add_argument("--stats", action="store_true", help="print tokens and tokens/s of each story on stderr")
+    output.add_argument("--raw", action="store_true",
+                        help="print control characters of the story as they are, even on a terminal (where they "
+                             "are shown escaped, as \\x1b, so that a story cannot drive the terminal); a pipe "
+                             "always gets the raw text")
     add_source_arguments(parser, with_model=True)
 
 
@@ -140,7 +161,9 @@ def strategy_from(args: argparse.Namespace) -> Strategy:
     if args.strategy is None and len(implied) > 1:
         raise PipelineError(f"{' and '.join(k.flag for k in given)} belong to different strategies "
                             f"({', '.join(implied)}): pick one with --strategy")
-    name = args.strategy or (implied[0] if implied else "sample")
+    if args.strategy is None and not given:
+        return DEFAULT_STRATEGY
+    name = args.strategy or implied[0]
     for knob in given:
         if knob.strategy != name:
             raise PipelineError(f"{knob.flag} is a knob of --strategy {knob.strategy}, not {name}")
@@ -166,16 +189,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if not 0 <= args.low_prob <= 1:
         raise PipelineError(f"--low-prob must be in [0, 1], got {args.low_prob}")
     return Settings(strategy, [args.seed + i for i in range(args.num_samples)], args.max_new_tokens,
-                    not args.no_cache, args.show_probs, args.low_prob, args.stats)
+                    not args.no_cache, args.show_probs, args.low_prob, args.stats,
+                    escape=not args.raw and sys.stdout.isatty())
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters but newline and tab escaped (\\x1b, \\r, \\x9b): printed as they
+    are, an escape sequence would move the cursor, recolour or clear the terminal, or retitle its window."""
+    return "".join(char if char in KEPT_CONTROLS or unicodedata.category(char) != "Cc"
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 class Stream:
     """Prints one story's tokens as they come; the bytes of an unfinished character wait for the rest."""
 
-    def __init__(self, tokenizer: Tokenizer, out: TextIO):
+    def __init__(self, tokenizer: Tokenizer, out: TextIO, escape: bool = False):
         self.tokenizer = tokenizer
         self.out = out
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.shown = escape_controls if escape else str  # whole characters come out of the decoder: escape each
         self.ended = False
 
     def __call__(self, tokens: torch.Tensor) -> None:
@@ -188,11 +220,11 @@ class Stream:
             self.ended = self.ended or token == self.tokenizer.eot_id
             if self.ended:
                 break
-            self.out.write(self.decoder.decode(self.tokenizer.decode_bytes([token])))
+            self.out.write(self.shown(self.decoder.decode(self.tokenizer.decode_bytes([token]))))
         self.out.flush()
 
     def close(self) -> None:
-        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.write(self.shown(self.decoder.decode(b"", final=True)) + "\n")
         self.out.flush()
 
 
@@ -233,9 +265,9 @@ def tell(models: list[Loaded], prompt: str, settings: Settings, out: TextIO) -> 
         for number, seed in enumerate(settings.seeds, start=1):
             if len(settings.seeds) > 1:
                 out.write(f"--- sample {number}/{len(settings.seeds)}, seed {seed} ---\n")
-            out.write(prompt)
+            out.write(escape_controls(prompt) if settings.escape else prompt)
             out.flush()
-            stream = Stream(loaded.tokenizer, out)
+            stream = Stream(loaded.tokenizer, out, settings.escape)
             started = time.perf_counter()
             generation, = decode(loaded.model, ids, settings.strategy, settings.max_new_tokens, loaded.tokenizer.eot_id,
                                  [seed], settings.use_cache, on_step=stream if streaming else None)
@@ -265,26 +297,26 @@ def interactive(models: list[Loaded], settings: Settings) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as exc:  # the terminal's encoding is not UTF-8
+            print(f"error: the line is not UTF-8 text ({exc.reason}). {FIX}", file=sys.stderr)
+            continue
         if not prompt.strip():
             continue
         try:
-            tell(models, prompt, settings, sys.stdout)
+            tell(models, argument_text(prompt, "the line"), settings, sys.stdout)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
-        except PipelineError as exc:  # a prompt too long for the context: say so, ask for another
+        except PipelineError as exc:  # a prompt too long for the context, or not text: say so, ask again
             print(f"error: {exc}", file=sys.stderr)
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
     """The prompt argument, else piped stdin, else None (a terminal: the interactive loop)."""
     if args.prompt is not None:
-        return args.prompt
+        return argument_text(args.prompt, "the PROMPT argument")
     if sys.stdin.isatty():
         return None
-    try:
-        return sys.stdin.read().rstrip("\r\n")  # the newline that ends a piped line is not part of the story
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"stdin is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return stdin_text().rstrip("\r\n")  # the newline that ends a piped line is not part of the story
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ COMMANDS = {
     "generate": ("tinylm.cli.generate", "write stories from a prompt, printed as they are decoded"),
     "score": ("tinylm.cli.score", "the model's loss, perplexity and bits per byte on a text"),
     "tokenize": ("tinylm.cli.tokens", "the tokens (ids and pieces) a text becomes"),
+    "serve": ("tinylm.cli.serve", "an OpenAI-compatible HTTP API and a playground page for the model"),
+    "compare": ("tinylm.cli.compare", "runs grouped by config: mean ± sd, CIs and verdicts against a baseline"),
 }
 
 

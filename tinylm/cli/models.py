@@ -138,7 +138,8 @@ def load(source: Source, device: torch.device | None) -> Loaded:
             return Loaded(source.label, tokenizer, None)
         from tinylm.model import load_trained_model
 
-        return Loaded(source.label, tokenizer, load_trained_model(model_dir, tokenizer.fingerprint, device))
+        return Loaded(source.label, tokenizer, load_trained_model(model_dir, tokenizer.fingerprint, device,
+                                                                  tokenizer_dir=tokenizer_dir))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import TextIO
 
 import numpy as np
 
+from tinylm.cli.inputs import argument_text, file_text, names_a_path, stdin_text
 from tinylm.cli.models import Loaded, add_source_arguments, load, print_heading, resolve_device, sources
 from tinylm.cli.tokens import printable, shown
 from tinylm.errors import PipelineError
@@ -61,18 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_text(argument: str | None) -> str:
+    """The text to score: stdin (no argument, or -), the file the argument names, else the argument itself."""
     if argument is None or argument == "-":
         if sys.stdin.isatty():
             raise PipelineError('give the text to score: tinylm score "Once upon a time", or a file, or pipe it in')
-        source, read = "stdin", sys.stdin.read
-    elif Path(argument).is_file():
-        source, read = argument, Path(argument).read_text
+        source, text = "stdin", stdin_text()
+    elif names_a_path(argument):
+        source, text = argument, file_text(Path(argument))
     else:
-        source, read = "", lambda: argument
-    try:
-        text = read()
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        source, text = "", argument_text(argument, "the TEXT argument")
     if not text.strip():
         raise PipelineError(f"the text{' in ' + source if source else ''} is empty: there is nothing to score")
     return text

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from tinylm.cli.inputs import argument_text, stdin_text
 from tinylm.cli.models import add_source_arguments, load, print_heading, sources
 from tinylm.errors import PipelineError
 from tinylm.tokenizer.bpe import Tokenizer
@@ -47,12 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def texts_of(args: argparse.Namespace) -> list[str]:
     if args.texts:
-        return args.texts
+        return [argument_text(text, f"TEXT argument {number}") for number, text in enumerate(args.texts, start=1)]
     if not sys.stdin.isatty():
-        try:
-            text = sys.stdin.read().rstrip("\r\n")  # the newline that ends a piped line is not part of the text
-        except UnicodeDecodeError as exc:
-            raise PipelineError(f"stdin is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        text = stdin_text().rstrip("\r\n")  # the newline that ends a piped line is not part of the text
         if not text:
             raise PipelineError('stdin is empty: give the text to tokenize, e.g. tinylm tokenize "strawberry"')
         return [text]

@@ -46,10 +46,12 @@ def written_by(stage: str, *paths: str) -> tuple[Source, ...]:
 CLEAN, CLEAN_VAL = written_by("clean", "reports/clean.json", "data/clean/val.txt")
 TOKENIZER_REPORT, TOKENIZER_DIR = written_by("train_bpe", "reports/tokenizer.json", "data/tokenizer")
 (SHARDS,) = written_by("encode_shards", "reports/shards.json")
-MODEL_DIR, MODEL_SUMMARY, TRAIN_METRICS, TRAIN_PLOTS = written_by(
-    "pretrain", "data/model", "data/model/model.json", "reports/train/metrics.json", "reports/train/plots/metrics")
+MODEL_DIR, MODEL_SUMMARY, TRAIN_METRICS, TRAIN_PLOTS, TRAIN_SAMPLES = written_by(
+    "pretrain", "data/model", "data/model/model.json", "reports/train/metrics.json", "reports/train/plots/metrics",
+    "reports/train/samples.jsonl")
 (EVAL,) = written_by("evaluate_ppl", "reports/eval.json")
 SAMPLING, SAMPLES = written_by("sample_sweep", "reports/sampling.json", "reports/samples.jsonl")
+(MODEL_ENVIRONMENT,) = written_by("pretrain", "data/model/environment.json")
 
 
 @dataclass(frozen=True)

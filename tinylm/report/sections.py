@@ -20,14 +20,16 @@ from tinylm.model import load_trained_model
 from tinylm.report import figures, introspection
 from tinylm.records.clean import CleanReport
 from tinylm.records.download import Provenance
+from tinylm.records.environment import Environment
 from tinylm.records.shards import ShardsReport
 from tinylm.records.evaluation import EvalReport
+from tinylm.records.milestones import MilestoneSample
 from tinylm.records.model import ModelSummary
 from tinylm.records.sampling import GeneratedSample, SamplingReport
 from tinylm.records.tokenizer import TokenizerReport
 from tinylm.report.inputs import (CLEAN, CLEAN_VAL, EVAL, MODEL_DIR, MODEL_SUMMARY, PROVENANCE, SAMPLES, SAMPLING,
-                                  SHARDS, TOKENIZER_DIR, TOKENIZER_REPORT, TRAIN_METRICS, TRAIN_SERIES, TrainMetrics,
-                                  read_series, require)
+                                  SHARDS, TOKENIZER_DIR, TOKENIZER_REPORT, TRAIN_METRICS, TRAIN_SAMPLES, TRAIN_SERIES,
+                                  MODEL_ENVIRONMENT, TrainMetrics, read_series, require)
 from tinylm.report.markdown import (Report, code_block, count, duration, escape, number, shown_token, short,
                                     table)
 from tinylm.tokenizer.bpe import Tokenizer, load_tokenizer
@@ -155,8 +157,15 @@ def model_section(report: Report, summary: ModelSummary, shards: ShardsReport, b
                f"({per_param / CHINCHILLA_TOKENS_PER_PARAM:.3g}× that ratio): {verdict}.", "")
 
 
+def environment_note(report: Report, environment: Environment, source: str) -> None:
+    """The library versions the model was trained with: another version can explain other numbers or bytes."""
+    versions = ", ".join(f"{name} {version}" for name, version in environment.packages.items())
+    report.add(f"Trained with Python {environment.python}, {versions} (`{source}`; `make setup` installs "
+               "requirements.lock's versions).", "")
+
+
 def training_section(report: Report, root: Path, metrics: TrainMetrics, summary: ModelSummary,
-                     grad_clip: float) -> None:
+                     grad_clip: float, milestones: list[MilestoneSample], sample_chars: int) -> None:
     series = {name: read_series(root, name) for name in TRAIN_SERIES}
     batch_tokens = metrics.batch_tokens
     report.add("## Training", "",
@@ -176,6 +185,25 @@ def training_section(report: Report, root: Path, metrics: TrainMetrics, summary:
         ["median model FLOPs utilisation (of train.peak_flops)", f"{float(np.median(series['mfu'][1])):.1%}"],
         ["training time", duration(metrics.elapsed_s)],
     ]))
+    milestones_table(report, milestones, dict(zip(*series["val_loss"])), sample_chars)
+
+
+def milestones_table(report: Report, milestones: list[MilestoneSample], val_losses: dict[int, float],
+                     sample_chars: int) -> None:
+    """The greedy story of each prompt at every milestone, beside the validation loss of that step."""
+    greedy = [row for row in milestones if row.strategy == "greedy"]
+    report.add("### How the stories improved", "")
+    if not greedy:
+        report.add("No stories were sampled during training (`train.sample_interval` is 0).", "")
+        return
+    report.add("What the model wrote at each milestone of training (`train.sample_interval`; step 0 is the untrained "
+               "model): the greedy continuation of each prompt (the prompt in bold), the text the model finds most "
+               f"likely, trimmed to {sample_chars} characters after the prompt, beside the validation loss of that "
+               "step. The min-p samples of the same milestones and each story's mean log-probability are in "
+               "`reports/train/samples.jsonl` (a pretrain output in the DVC cache).", "")
+    report.add(*table(["step", "val loss", "greedy continuation"],
+                      [[count(row.step), number(val_losses[row.step], 4) if row.step in val_losses else "–",
+                        sample_cell(row.prompt, row.text, sample_chars)] for row in greedy], numeric_from=3))
 
 
 def evaluation_section(report: Report, ev: EvalReport) -> None:
@@ -312,6 +340,7 @@ def build_report(root: Path, params: Params) -> Report:
     tokenizer_stats, shards = TOKENIZER_REPORT.read(root, TokenizerReport), SHARDS.read(root, ShardsReport)
     summary = MODEL_SUMMARY.read(root, ModelSummary)
     metrics = TRAIN_METRICS.read(root, TrainMetrics, ignore_other_keys=True)
+    milestones = TRAIN_SAMPLES.read_lines(root, MilestoneSample)
     ev = EVAL.read(root, EvalReport)
     sampling, samples = SAMPLING.read(root, SamplingReport), SAMPLES.read_lines(root, GeneratedSample)
     report = Report()
@@ -324,7 +353,8 @@ def build_report(root: Path, params: Params) -> Report:
     data_section(report, provenance, clean, shards)
     tokenizer_section(report, tokenizer_stats, int(summary.config["d_model"]))
     model_section(report, summary, shards, metrics.batch_tokens)
-    training_section(report, root, metrics, summary, params.train.grad_clip)
+    environment_note(report, MODEL_ENVIRONMENT.read(root, Environment), str(MODEL_ENVIRONMENT.path))
+    training_section(report, root, metrics, summary, params.train.grad_clip, milestones, params.report.sample_chars)
     evaluation_section(report, ev)
     sampling_section(report, sampling, samples, params.report.sample_chars)
     inside_section(report, root, params.report.attention_tokens)

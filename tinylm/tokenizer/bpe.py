@@ -20,7 +20,7 @@ import json
 import os
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from tinylm.files import replace_directory, sha256_file, write_json, write_text
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE, PreTokenizer, TokenizerError
@@ -183,6 +183,17 @@ class Tokenizer:
             elif part:
                 ids.extend(chain.from_iterable(map(lookup, PRETOKEN_RE.findall(part))))
         return ids
+
+    def encode_iterable(self, chunks: Iterable[str], block_chars: int = 1 << 20) -> Iterator[int]:
+        """The ids of "".join(chunks), as `encode` gives them, yielded block by block: for text larger than
+        memory, e.g. `encode_iterable(open(path, encoding="utf-8"))` (a text file yields its lines).
+
+        The chunks may be cut anywhere (mid-word, mid-special-token): they are regrouped into blocks of about
+        `block_chars` cut only where pre-tokenization cannot depend on what follows (PreTokenizer.blocks, the
+        same cutting BPE training streams with). Memory: a block, plus the longest chunk and the pre-token cache.
+        """
+        for block in self._pretokenizer.blocks(chunks, block_chars):
+            yield from self.encode(block)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = list(ids)

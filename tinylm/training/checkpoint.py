@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from tinylm.training.optimizers import Optimizers
 from tinylm.training.runtime import Distributed
 
 CHECKPOINT_FORMAT = 2  # 2: the optimizer state is a dict per optimizer (AdamW, Muon)
+DIGEST_CHARS = 64  # a checkpoint file starts with the hex sha256 of the rest, then a newline
 NOT_IN_FINGERPRINT = ("checkpoint_interval", "compile", "activation_checkpointing", "nproc_per_node", "nnodes",
                       "rdzv_endpoint")
 
@@ -105,9 +107,24 @@ def check_ranks_agree(inputs: dict[str, Any], distributed: Distributed) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write the whole training state atomically: a kill -9 at any moment leaves the old or the new file."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write the whole training state atomically: a kill -9 at any moment leaves the old or the new file.
+    The file is the sha256 of torch.save's bytes (hex, one line), then those bytes: a checkpoint damaged
+    on disk is discarded instead of resumed from (torch.load would read most damaged weights silently)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n")
+        f.write(payload)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state `save_checkpoint` wrote, after checking its sha256 (ValueError when it does not match)."""
+    data = Path(path).read_bytes()
+    digest, payload = data[:DIGEST_CHARS], memoryview(data)[DIGEST_CHARS + 1:]
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
+        raise ValueError("its sha256 does not match its contents: the file is damaged")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def remove_stale_temp_files(path: str | Path) -> None:
@@ -126,7 +143,7 @@ def load_checkpoint(path: str | Path, inputs: dict[str, Any]) -> dict[str, Any] 
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
         saved_fingerprint = state["fingerprint"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and discarded alike
         print(f"checkpoint: discarding {path}: unreadable ({type(exc).__name__}: {exc}); starting from step 0",

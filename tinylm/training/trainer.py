@@ -1,20 +1,20 @@
 """The pretraining loop: AdamW (or Muon beside it) with warmup + cosine lr, gradient accumulation,
 mixed precision and DDP; validation every train.eval_interval steps, metrics every
-train.log_interval, and a checkpoint every train.checkpoint_interval, at the end, and when a signal
-asks the run to stop.
+train.log_interval, stories sampled at milestones (train.sample_interval), and a checkpoint every
+train.checkpoint_interval, at the end, and when a signal asks the run to stop.
 
 The `Trainer` owns the optimizer step, evaluation and the loop; the pieces it drives live beside it:
 batches.py (what each step trains on), optimizers.py (AdamW, or Muon for the hidden matrices),
 checkpoint.py (what a checkpoint holds, saving and resuming it), metrics_log.py (the metric rows and
-dvclive), progress.py (the console lines and MFU), interrupt.py (SIGINT/SIGTERM), runtime.py
-(device, precision, DDP process group).
+dvclive), milestones.py (the stories sampled as it learns), progress.py (the console lines and MFU),
+interrupt.py (SIGINT/SIGTERM), runtime.py (device, precision, DDP process group).
 
 One optimizer step, in this order (tests pin it):
   1. zero the grads;
   2. for each of N micro-batches: draw (x, y), forward under autocast, scale the loss by 1/N,
      backward (under DDP the grads are all-reduced only on the last micro-batch);
   3. clip the global grad norm to train.grad_clip and record the norm (taken before clipping);
-  4. set this step's lr (linear warmup, then cosine decay to train.min_lr);
+  4. set this step's lr (linear warmup, then cosine decay to train.min_lr_ratio x train.lr);
   5. optimizer step; 6. increment the step.
 
 Steps are numbered by how many updates came before them: the row logged at step s holds the loss
@@ -36,12 +36,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 
 from tinylm.training.batches import TokenWindows, TrainBatches, validation_batches
-from tinylm.training.checkpoint import Position, RunCheckpoint, check_ranks_agree, fingerprint_inputs, hash_tokens
+from tinylm.training.checkpoint import Position, check_ranks_agree, fingerprint_inputs, hash_tokens
 from tinylm.config import TrainParams
 from tinylm.training.interrupt import StopSignals
 from tinylm.training.metrics_log import MetricLog
+from tinylm.training.milestones import SAMPLES_FILE, MilestoneCheckpoint, MilestoneSamples
 from tinylm.training.optimizers import Optimizers
 from tinylm.model import GPT, GPTConfig
+from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.training.progress import Console, flops_per_token, model_flops_utilization
 from tinylm.training.runtime import Distributed, autocast, process_group, resolve_device, resolve_precision
 from tinylm.errors import PipelineError
@@ -56,11 +58,14 @@ class TrainingDiverged(PipelineError):
 
 
 def lr_at(step: int, train: TrainParams) -> float:
-    """Linear warmup to train.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to train.lr over warmup_steps, then cosine decay to min_lr_ratio x lr at max_steps.
+
+    Muon's lr is this x muon_lr / lr (optimizers.py), so it decays to the same fraction of its own peak."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (train.lr - train.min_lr)
+    min_lr = train.lr * train.min_lr_ratio  # the floor first, then the old formula: the same floats as before
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (train.lr - min_lr)
 
 
 @dataclass
@@ -85,7 +90,10 @@ class TrainResult:
 class Trainer:
     def __init__(self, config: GPTConfig, params: TrainParams, train_tokens: list[np.ndarray],
                  val_tokens: list[np.ndarray], *, checkpoint_path: str | Path, log_dir: str | Path,
-                 tokenizer_fingerprint: str, distributed: Distributed = Distributed()):
+                 tokenizer_fingerprint: str, distributed: Distributed = Distributed(),
+                 tokenizer: Tokenizer | None = None):
+        """`tokenizer` decodes the stories sampled at milestones (train.sample_interval); without one,
+        none are sampled."""
         self.params = params
         self.dist = distributed
         self.device = resolve_device(params.device, distributed.local_rank)
@@ -119,9 +127,12 @@ class Trainer:
             world_size=distributed.world_size, tokenizer_fingerprint=tokenizer_fingerprint,
             data_hashes={"train": hash_tokens(train_tokens), "val": hash_tokens(val_tokens)})
         check_ranks_agree(inputs, distributed)
-        self.checkpoint = RunCheckpoint(self.checkpoint_path, inputs, model=self.model, optimizer=self.optimizer,
-                                        scaler=self.scaler, batches=self.batches, device=self.device,
-                                        distributed=distributed)
+        self.milestones = MilestoneSamples(params, tokenizer, Path(log_dir) / SAMPLES_FILE,
+                                           enabled=distributed.writes_outputs)
+        self.checkpoint = MilestoneCheckpoint(self.checkpoint_path, inputs, model=self.model,
+                                              optimizer=self.optimizer, scaler=self.scaler, batches=self.batches,
+                                              device=self.device, distributed=distributed,
+                                              milestones=self.milestones)
         resumed = self.checkpoint.resume() or Position()
         self.step, self.tokens, self.elapsed_before = resumed.step, resumed.tokens, resumed.elapsed_s
 
@@ -214,18 +225,25 @@ class Trainer:
         self.console.validation(self.step, val_loss)
         return val_loss
 
+    def _sample_milestone(self) -> None:
+        # The bare model: the DDP wrapper's forward may run collectives the other ranks do not join,
+        # and a compiled one would recompile for every decoding shape.
+        self.milestones.record(self.model, self.step)
+
     def run(self) -> TrainResult:
         p = self.params
         self.console.startup(self.model, device_type=self.device.type, precision=self.precision,
                              world_size=self.dist.world_size, batch_tokens=self.batch_tokens, step=self.step)
         self.log.summary(batch_tokens=self.batch_tokens, params=self.model.num_params(),
                          params_without_embeddings=self.model.num_params(False))
+        self.milestones.start()
         self.model.train()
         window_time, window_steps, last_train_loss = 0.0, 0, None
         with self.stop_signals:
             while self.step < p.max_steps:
                 if self.step % p.eval_interval == 0:
                     self._log_validation()
+                self._sample_milestone()
                 started = time.perf_counter()
                 stats = self.train_step()
                 window_time += time.perf_counter() - started
@@ -243,6 +261,7 @@ class Trainer:
                 if self.step % p.checkpoint_interval == 0 or self.step == p.max_steps:
                     self.save_checkpoint()
             val_loss = self._log_validation()
+            self._sample_milestone()
         self.log.finish()
         return TrainResult(self.model, self.step, self.tokens, last_train_loss, val_loss, self.dist.writes_outputs)
 
@@ -260,10 +279,12 @@ class Trainer:
 
 
 def train(config: GPTConfig, params: TrainParams, train_tokens: list[np.ndarray], val_tokens: list[np.ndarray],
-          *, checkpoint_path: str | Path, log_dir: str | Path, tokenizer_fingerprint: str) -> TrainResult:
+          *, checkpoint_path: str | Path, log_dir: str | Path, tokenizer_fingerprint: str,
+          tokenizer: Tokenizer | None = None) -> TrainResult:
     """Train (or resume) under torchrun when its env vars are set, else as one process."""
     distributed = Distributed.from_env()
     with process_group(distributed, resolve_device(params.device, distributed.local_rank)):
         trainer = Trainer(config, params, train_tokens, val_tokens, checkpoint_path=checkpoint_path,
-                          log_dir=log_dir, tokenizer_fingerprint=tokenizer_fingerprint, distributed=distributed)
+                          log_dir=log_dir, tokenizer_fingerprint=tokenizer_fingerprint, distributed=distributed,
+                          tokenizer=tokenizer)
         return trainer.run()

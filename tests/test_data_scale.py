@@ -33,6 +33,7 @@ from tinylm.records.tokenizer import TokenizerReport
 from tinylm.tokenizer.bpe import EOT, Tokenizer, load_tokenizer
 from tinylm.tokenizer.compare import sample_stories
 from tinylm.tokenizer.train import train_bpe
+from tinylm.training.checkpoint import read_checkpoint
 from tinylm.training.batches import TokenWindows, TrainBatches
 from tinylm.training.trainer import Trainer
 from trainer_helpers import CONFIG, TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, params
@@ -322,7 +323,7 @@ def test_training_over_many_shards_equals_one_shard_and_resumes_across_them(tmp_
     monkeypatch.setattr(Trainer, "train_step", crash_after_step_10)
     with pytest.raises(RuntimeError, match="simulated crash"):
         sharded_run(tmp_path / "resumed", shard_tokens=97)
-    assert torch.load(tmp_path / "resumed/ckpt/last.pt", weights_only=True)["step"] == 8
+    assert read_checkpoint(tmp_path / "resumed/ckpt/last.pt")["step"] == 8
     monkeypatch.undo()
     capsys.readouterr()
     resumed = sharded_run(tmp_path / "resumed", shard_tokens=97)

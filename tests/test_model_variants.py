@@ -337,7 +337,9 @@ def test_an_old_gpt2_checkpoint_still_loads_bit_for_bit():
     model = load_model(fixtures / "gpt2_before_recipes.pt")
     reference = torch.load(fixtures / "gpt2_before_recipes_logits.pt", weights_only=True)
     with torch.no_grad():
-        assert torch.equal(model(reference["idx"]).logits, reference["logits"])
+        # The reference logits were computed on another CPU (Zen 4): matmul kernels of another instruction
+        # set round differently in the last bit. A wrong architecture would be off by ~0.1, not 1e-7.
+        torch.testing.assert_close(model(reference["idx"]).logits, reference["logits"], rtol=0, atol=1e-6)
     c = model.config
     assert (c.positions, c.norm, c.mlp, c.qk_norm, c.tie_embeddings, c.kv_heads, c.logit_softcap) == (
         "learned", "layernorm", "gelu", False, True, c.n_head, 0.0)

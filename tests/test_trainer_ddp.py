@@ -15,6 +15,7 @@ import torch
 
 from tinylm.config import TrainParams
 from tinylm.model import GPTConfig
+from tinylm.training.checkpoint import read_checkpoint
 from tinylm.training.trainer import train
 from trainer_helpers import CONFIG, TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, params, replace, run
 
@@ -71,7 +72,7 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_effective_batch(
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(ddp_weights[name], p, atol=tolerance, rtol=1e-3, msg=name)
     # The checkpoint holds every rank's RNG state, written by rank 0 alone.
-    checkpoint = torch.load(tmp_path / "ddp" / "ckpt" / "last.pt", weights_only=True)
+    checkpoint = read_checkpoint(tmp_path / "ddp" / "ckpt" / "last.pt")
     assert len(checkpoint["rng"]) == 2 and checkpoint["fingerprint_inputs"]["world_size"] == 2
 
 

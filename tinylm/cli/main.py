@@ -1,9 +1,9 @@
-"""The `tinylm` console command: use the trained model (generate, score, tokenize).
+"""The `tinylm` console command: use the trained model (generate, score, tokenize, serve) and compare runs.
 
 A story should start printing about as soon as torch is imported, so this module imports only
 argparse, and builds the arguments of the command being run alone, importing its module then:
-`tinylm tokenize` never imports torch, and dvc is imported only for --rev. Every error a user can
-fix is one line on stderr naming the fix, with exit code 2; no traceback.
+`tinylm tokenize` never imports torch, and dvc is imported only for --rev and compare. Every error
+a user can fix is one line on stderr naming the fix, with exit code 2; no traceback.
 """
 from __future__ import annotations
 

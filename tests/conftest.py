@@ -25,6 +25,9 @@ HERMETIC_ENV: dict[str, str | None] = {
     "HF_HOME": tempfile.mkdtemp(prefix="tinylm-tests-hf-home-"),
     "TIKTOKEN_CACHE_DIR": str(SHARED_DIR / "tiktoken-cache"),  # GPT-2's files, offline
     "CUDA_VISIBLE_DEVICES": "",  # CPU everywhere: the expected numbers are the CPU's
+    # Unset: `tinylm score` and `tinylm serve` set it in their own process to hide tqdm, and a test that runs
+    # them in-process would otherwise leave every later subprocess of its worker without progress bars.
+    "TQDM_DISABLE": None,
     # One thread per process, stage subprocesses included: pytest-xdist already keeps both cores busy,
     # and tiny ops on a second OpenMP thread spin-wait for a busy core (modules ran 20x slower).
     "OMP_NUM_THREADS": "1",

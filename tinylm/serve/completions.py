@@ -155,9 +155,9 @@ async def complete(request: CompletionRequest, model_id: str, loaded: Loaded, wo
     """The whole completion, once every choice is done (stream false)."""
     stops, choices = request.stops(), plan(request, loaded)
 
-    async def run(choice: Choice) -> None:
-        async for _ in deltas(workers, choice, stops):
-            pass
+    async def run(choice: Choice) -> list[str]:
+        # deltas() also accumulates choice.text and its finish reason: the whole text is read from the choice.
+        return [delta async for delta in deltas(workers, choice, stops)]
 
     await asyncio.gather(*map(run, choices))
     rows = []

@@ -101,6 +101,25 @@ def test_against_a_repeated_baseline_the_verdict_is_welchs(swept):
     assert "(baseline)" in next(line for line in done.stdout.splitlines() if "train.lr=0.001" in line)
 
 
+def test_the_noise_floor_file_takes_the_groups_and_adds_them_to_what_it_holds(swept, tmp_path):
+    floor = tmp_path / "noise_floor.json"
+    assert tinylm(swept, "compare", "--write-noise-floor", str(floor)).returncode == 0
+    entries = json.loads(floor.read_text())["recipes"]
+    assert len(entries) == 2  # the two groups of three; the committed run alone is no noise floor
+    for entry in entries:
+        assert sorted(entry["seeds"].values()) == [1, 2, 3] and entry["n"] == 3
+        assert entry["mean"] == pytest.approx(np.mean(list(entry["runs"].values())), abs=1e-12)
+    # What another clone recorded earlier: a seed-9 run, and a run of seed 1 that this clone's replaces.
+    kept = entries[0]
+    kept["runs"].update({"elsewhere": 5.0, "old-seed-1": 7.0})
+    kept["seeds"].update({"elsewhere": 9, "old-seed-1": 1})
+    floor.write_text(json.dumps({"recipes": entries}))
+    assert tinylm(swept, "compare", "--write-noise-floor", str(floor)).returncode == 0
+    grown = next(e for e in json.loads(floor.read_text())["recipes"] if e["params"] == kept["params"])
+    assert sorted(grown["seeds"].values()) == [1, 2, 3, 9] and "old-seed-1" not in grown["runs"]
+    assert grown["n"] == 4 and grown["sd"] == pytest.approx(np.std(list(grown["runs"].values()), ddof=1))
+
+
 def test_the_plot_draws_each_groups_mean_and_ci_and_its_val_loss_band(swept, tmp_path):
     png = tmp_path / "compare.png"
     done = tinylm(swept, "compare", "--plot", str(png))

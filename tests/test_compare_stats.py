@@ -129,9 +129,29 @@ def test_unfinished_runs_are_listed_not_averaged_and_n1_gets_no_verdict():
     single = next(g for g in groups if g.runs == ["g"])
     assert single.vs_baseline is None and single.note.startswith("n = 1 on a side")
     floor = grouping.NoiseFloor(label="recipe=modern", metric="reports/eval.json:val_bpb", params=base.params,
-                                runs={"a": 0.9, "b": 0.91}, n=2, mean=0.905, sd=0.00707)
+                                runs={"a": 0.9, "b": 0.91}, seeds={"a": 1337, "b": 2}, n=2, mean=0.905, sd=0.00707)
     with_floor = grouping.summarise(table, "reports/eval.json:val_bpb", 0, [floor], references={})
     assert "seed sd of recipe=modern: 0.0071 (n = 2)" in next(g for g in with_floor if g.runs == ["g"]).note
+
+
+def test_a_noise_floor_grows_across_sessions_and_counts_each_seed_once():
+    metric = "reports/eval.json:val_bpb"
+    earlier = [run("old1", bpb=0.90, train__seed=1), run("old2", bpb=0.92, train__seed=2),
+               run("lr1", bpb=0.80, train__lr=0.002, train__seed=1), run("lr2", bpb=0.82, train__lr=0.002, train__seed=2)]
+    table = frame(earlier, DECLARED)
+    first = grouping.noise_floors(grouping.summarise(table, metric, 0, [], {}), metric, dict(zip(table["name"], table[metric])))
+    assert sorted(f.n for f in first) == [2, 2]
+    # A later session, another clone: seed 2 run again (on another machine), seed 3 new, one lone lr run.
+    later = [run("new2", bpb=0.96, train__seed=2), run("new3", bpb=0.94, train__seed=3),
+             run("lr3", bpb=0.70, train__lr=0.003, train__seed=1)]
+    table = frame(later, DECLARED)
+    merged = grouping.noise_floors(grouping.summarise(table, metric, 0, [], {}), metric,
+                                   dict(zip(table["name"], table[metric])), earlier=first)
+    base = next(f for f in merged if "old1" in f.runs)
+    assert base.runs == {"old1": 0.90, "new2": 0.96, "new3": 0.94} and base.seeds == {"old1": 1, "new2": 2, "new3": 3}
+    assert (base.n, base.mean) == (3, pytest.approx(0.9333333)) and base.sd == pytest.approx(0.0305505, rel=1e-5)
+    assert next(f for f in merged if "lr1" in f.runs).n == 2  # untouched entries stay
+    assert not any("lr3" in f.runs for f in merged)  # one run of a new config is no noise floor
 
 
 def test_bad_metric_and_baseline_are_one_named_error():

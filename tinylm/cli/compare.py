@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-floor", metavar="FILE", type=Path,
                         help=f"measured seed noise shown where a side has one run (default: {NOISE_FLOOR} of the repo)")
     parser.add_argument("--write-noise-floor", metavar="FILE", type=Path,
-                        help="write every group of two or more runs as a noise floor file")
+                        help="add the compared groups to FILE's noise floor (a new run of a recorded seed replaces it) "
+                             "and write it; configs with two or more runs are kept")
     paired = parser.add_argument_group("paired evaluation (for runs too expensive to repeat)")
     paired.add_argument("--paired", nargs=2, metavar=("REV_A", "REV_B"),
                         help="score the models of two revisions on the same validation stories: bpb(A) - bpb(B) with "
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                for row in unfinished.itertuples()]
     if args.write_noise_floor:
         values = dict(zip(table["name"], table[metric]))
-        floors_out = grouping.noise_floors(groups, metric, values)
+        floors_out = grouping.noise_floors(groups, metric, values, grouping.load_noise_floor(args.write_noise_floor))
         from tinylm.files import write_json
 
         write_json(args.write_noise_floor, {"recipes": [vars(f) for f in floors_out]})

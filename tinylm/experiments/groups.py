@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class NoiseFloor:
     metric: str
     params: dict[str, str]  # its declared params less the seed, values as JSON
     runs: dict[str, float]  # run name -> metric
+    seeds: dict[str, Any]  # run name -> train.seed: a seed counts once, whichever clone or session ran it
     n: int
     mean: float
     sd: float
@@ -68,7 +70,7 @@ def load_noise_floor(path: Path) -> list[NoiseFloor]:
         return [NoiseFloor(**entry) for entry in json.loads(path.read_text())["recipes"]]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise PipelineError(f"{path}: not a noise floor file ({exc}); write it again with "
-                            "`tinylm compare --write-noise-floor {path}`") from None
+                            f"`tinylm compare --write-noise-floor {path}`") from None
 
 
 def compositions(conf_dir: Path, declared: list[str]) -> dict[str, dict[str, str]]:
@@ -174,10 +176,25 @@ def _distinct_labels(groups: list[Group], references: dict[str, dict[str, str]])
             for g in groups]
 
 
-def noise_floors(groups: list[Group], metric: str, values: dict[str, float]) -> list[NoiseFloor]:
-    """The groups with two or more runs as noise floor entries (labelled by their group label)."""
-    return [NoiseFloor(label=g.label, metric=metric, params=g.params, runs={r: values[r] for r in g.runs},
-                       n=g.metric.n, mean=g.metric.mean, sd=g.metric.sd) for g in groups if g.metric.n >= 2]
+def noise_floors(groups: list[Group], metric: str, values: dict[str, float],
+                 earlier: Sequence[NoiseFloor] = ()) -> list[NoiseFloor]:
+    """The groups' runs added to the `earlier` entry of the same config, and the entries with two or more runs.
+
+    Experiment refs live in one clone, so a noise floor grows across clones and sessions through the
+    committed file: a new run joins the runs already recorded for its params, and replaces a recorded run
+    of the same seed (a seed run again on another machine is still one draw of the seed noise)."""
+    merged = {(f.metric, tuple(sorted(f.params.items()))): f for f in earlier}
+    for g in groups:
+        key = (metric, tuple(sorted(g.params.items())))
+        runs, seeds = (dict(merged[key].runs), dict(merged[key].seeds)) if key in merged else ({}, {})
+        for name, seed in zip(g.runs, g.seeds):
+            for repeated in [r for r, s in seeds.items() if s == seed]:
+                del runs[repeated], seeds[repeated]
+            runs[name], seeds[name] = values[name], seed
+        total = spread(list(runs.values()))
+        merged[key] = NoiseFloor(label=g.label, metric=metric, params=g.params, runs=runs, seeds=seeds,
+                                 n=total.n, mean=total.mean, sd=total.sd)
+    return [f for f in merged.values() if f.n >= 2]
 
 
 def as_json(groups: list[Group]) -> list[dict[str, Any]]:

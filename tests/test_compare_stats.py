@@ -199,3 +199,16 @@ def test_story_scores_add_up_to_the_whole_stream_and_split_at_the_boundaries(tmp
     assert scores.nll[0] == pytest.approx(whole[:first].sum())
     total = summarize(whole, int(token_byte_lengths(tokenizer)[stream[1:]].sum()))
     assert scores.nll.sum() / math.log(2) / scores.num_bytes.sum() == pytest.approx(total.bpb)
+
+
+def test_a_queue_task_vanishing_mid_listing_is_one_named_error(repo_root: Path, monkeypatch):
+    from dvc.repo.experiments import Experiments
+
+    from tinylm.experiments.runs import collect
+
+    def vanished(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", ".dvc/tmp/exps/run/abc/abc.run")
+
+    monkeypatch.setattr(Experiments, "show", vanished)
+    with pytest.raises(PipelineError, match=r"DVC cannot list the runs of .*abc\.run"):
+        collect(repo_root)

@@ -105,7 +105,7 @@ def collect(root: Path, revs: list[str] | None = None) -> list[Run]:
             shown = repo.experiments.show(revs=[*baselines, *(revs or [])] or None, all_branches=True,
                                           all_tags=True)
             entries = [state.dumpd() for state in shown]
-    except (DvcException, SCMError) as exc:
+    except (DvcException, SCMError, OSError) as exc:  # OSError: a queue task's files vanish as it is killed
         raise PipelineError(f"DVC cannot list the runs of {root}: {exc} (list revisions with `git branch -a`, "
                             "`git tag` and `dvc exp list --all-commits`)") from None
     runs: list[Run] = []

@@ -159,7 +159,14 @@ def run_queue(repo: Path, workers: int, timeout: float = 600) -> str:
         assert started.returncode == 0, log.read()
     deadline = time.monotonic() + timeout
     while True:
-        status = run_cmd(["dvc", "queue", "status"], repo)
+        # DVC reads a running task's info file as the task writes it: a poll can fail once ("Expecting
+        # value"), so a failed poll is asked again; the deadline still bounds the wait.
+        polled = subprocess.run(["dvc", "queue", "status"], cwd=repo, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+        status = polled.stdout + polled.stderr
+        if polled.returncode != 0 and time.monotonic() < deadline:
+            time.sleep(3)
+            continue
         if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
             break
         time.sleep(3)

@@ -109,14 +109,19 @@ def save_untrained_model(model, tokenizer, directory: Path) -> Path:
     return directory
 
 
-def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> str:
-    """Run a command with the test interpreter's bin/ first on PATH (so `python` and `dvc` are ours);
-    return stdout+stderr, failing the test with that output if the command fails."""
-    import subprocess
+def our_bin_env() -> dict[str, str]:
+    """The environment with the test interpreter's bin/ first on PATH, so `python` and `dvc` are ours."""
     import sys
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> str:
+    """Run a command with our bin/ first on PATH; return stdout+stderr, failing the test with that output
+    if the command fails."""
+    import subprocess
+
+    done = subprocess.run(args, cwd=cwd, env=our_bin_env(), capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     if done.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{output}")
@@ -146,28 +151,24 @@ def run_queue(repo: Path, workers: int, timeout: float = 600) -> str:
     """`dvc queue start -j workers`, then wait until nothing is queued or running; the final `dvc queue status`."""
     import re
     import subprocess
-    import sys
     import tempfile
     import time
 
     # The workers it spawns inherit its stdout: through a pipe, reading it would wait for the last worker.
     with tempfile.TemporaryFile("w+") as log:
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        started = subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=repo, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, timeout=120)
+        started = subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=repo, env=our_bin_env(),
+                                 stdout=log, stderr=subprocess.STDOUT, timeout=120)
         log.seek(0)
         assert started.returncode == 0, log.read()
     deadline = time.monotonic() + timeout
     while True:
-        # DVC reads a running task's info file as the task writes it: a poll can fail once ("Expecting
-        # value"), so a failed poll is asked again; the deadline still bounds the wait.
         polled = subprocess.run(["dvc", "queue", "status"], cwd=repo, capture_output=True, text=True, timeout=120,
-                                env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+                                env=our_bin_env())
         status = polled.stdout + polled.stderr
-        if polled.returncode != 0 and time.monotonic() < deadline:
-            time.sleep(3)
-            continue
-        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
+        # DVC reads a running task's info file as the task writes it, so a poll can fail ("Expecting value"):
+        # a failed poll counts as busy and is asked again; the deadline still bounds the wait.
+        busy = polled.returncode != 0 or re.search(r"\b(Queued|Running)\b", status)
+        if not busy or time.monotonic() > deadline:
             break
         time.sleep(3)
     run_cmd(["dvc", "queue", "stop"], repo)  # no idle worker left behind

@@ -137,9 +137,11 @@ def test_unfinished_runs_are_listed_not_averaged_and_n1_gets_no_verdict():
 def test_a_noise_floor_grows_across_sessions_and_counts_each_seed_once():
     metric = "reports/eval.json:val_bpb"
     earlier = [run("old1", bpb=0.90, train__seed=1), run("old2", bpb=0.92, train__seed=2),
-               run("lr1", bpb=0.80, train__lr=0.002, train__seed=1), run("lr2", bpb=0.82, train__lr=0.002, train__seed=2)]
+               run("lr1", bpb=0.80, train__lr=0.002, train__seed=1),
+               run("lr2", bpb=0.82, train__lr=0.002, train__seed=2)]
     table = frame(earlier, DECLARED)
-    first = grouping.noise_floors(grouping.summarise(table, metric, 0, [], {}), metric, dict(zip(table["name"], table[metric])))
+    first = grouping.noise_floors(grouping.summarise(table, metric, 0, [], {}), metric,
+                                  dict(zip(table["name"], table[metric])))
     assert sorted(f.n for f in first) == [2, 2]
     # A later session, another clone: seed 2 run again (on another machine), seed 3 new, one lone lr run.
     later = [run("new2", bpb=0.96, train__seed=2), run("new3", bpb=0.94, train__seed=3),

@@ -134,6 +134,24 @@ def test_unfinished_runs_are_listed_not_averaged_and_n1_gets_no_verdict():
     assert "seed sd of recipe=modern: 0.0071 (n = 2)" in next(g for g in with_floor if g.runs == ["g"]).note
 
 
+def test_a_seed_counts_once_in_its_group_and_its_repeats_are_named():
+    # "main" and the workspace hold the same run (their stage reports differ, so both are listed); "x1"
+    # reran seed 1 in another clone. Two draws of the seed noise, not four: n = 2, not a zero-sd n = 4.
+    runs = [run("workspace", bpb=0.90, train__seed=1337), run("main", bpb=0.90, train__seed=1337),
+            run("x1", bpb=0.92, train__seed=1), run("x1-again", bpb=0.93, train__seed=1),
+            run("lr1", bpb=0.80, train__lr=0.002, train__seed=1), run("lr2", bpb=0.81, train__lr=0.002, train__seed=2)]
+    table = frame(runs, DECLARED)
+    groups = grouping.summarise(table, "reports/eval.json:val_bpb", baseline_group=0, floors=[], references={})
+    base = next(g for g in groups if g.baseline)
+    assert base.runs == ["workspace", "x1"] and base.seeds == [1337, 1]
+    assert base.repeats == {"main": "workspace", "x1-again": "x1"}
+    assert (base.metric.n, base.metric.mean) == (2, pytest.approx(0.91)) and base.metric.sd > 0.01
+    lr = next(g for g in groups if not g.baseline)
+    assert lr.repeats == {} and lr.vs_baseline.verdict == "better"
+    welch_on_distinct = welch([0.80, 0.81], [0.90, 0.92])
+    assert lr.vs_baseline.p_value == pytest.approx(welch_on_distinct.p_value)
+
+
 def test_a_noise_floor_grows_across_sessions_and_counts_each_seed_once():
     metric = "reports/eval.json:val_bpb"
     earlier = [run("old1", bpb=0.90, train__seed=1), run("old2", bpb=0.92, train__seed=2),

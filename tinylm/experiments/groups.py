@@ -1,6 +1,9 @@
 """Runs grouped by config, each group summarised and set against a baseline group.
 
-A group is the finished runs that share their declared params apart from the seed (runs.group_key).
+A group is the finished runs that share their declared params apart from the seed (runs.group_key), each
+seed counted once: a run repeating a seed already in its group (the same run at a branch tip and in the
+workspace, or a seed rerun in another clone) is one draw of the seed noise, not two, so it is listed as a
+repeat and left out of n.
 Its label names the nearest recipe composed from conf/ and the params where the group differs from it. The baseline
 is the group of a named run, else the group with the workspace's params. A side with one run gets no
 verdict: one seed says nothing about seed noise, so the row shows the measured seed noise of the
@@ -61,6 +64,7 @@ class Group:
     vs_baseline: Difference | None  # None for the baseline itself, or when a side has one run
     note: str = ""  # why there is no verdict
     params: dict[str, str] = field(default_factory=dict)
+    repeats: dict[str, str] = field(default_factory=dict)  # run left out -> the counted run of its seed
 
 
 def load_noise_floor(path: Path) -> list[NoiseFloor]:
@@ -146,9 +150,10 @@ def summarise(runs: pd.DataFrame, metric: str, baseline_group: int, floors: list
         raise PipelineError("the baseline group has no finished run yet (queued, running or failed): wait for it, "
                             "or name another with --baseline")
     params_of = {int(g): dict(rows["key"].iloc[0]) for g, rows in done.groupby("group")}
-    base_values = done.loc[done["group"] == baseline_group, metric].to_list()
+    base_values = _one_run_per_seed(done[done["group"] == baseline_group])[0][metric].to_list()
     groups = []
-    for group_id, rows in done.groupby("group"):
+    for group_id, in_group in done.groupby("group"):
+        rows, repeats = _one_run_per_seed(in_group)
         values = rows[metric].to_list()
         summaries = {name: spread(rows[column].to_list()) if column in rows and rows[column].notna().all() else None
                      for name, column in SUMMARY_METRICS.items()}
@@ -164,9 +169,21 @@ def summarise(runs: pd.DataFrame, metric: str, baseline_group: int, floors: list
         groups.append(Group(id=int(group_id), baseline=bool(group_id == baseline_group), label=label(params_of[int(group_id)], references),
                             runs=rows["name"].to_list(), seeds=rows["seed"].to_list(), metric=spread(values),
                             diff=spread(values).mean - spread(base_values).mean,
-                            summaries=summaries, vs_baseline=difference, note=note, params=params_of[int(group_id)]))
+                            summaries=summaries, vs_baseline=difference, note=note, params=params_of[int(group_id)],
+                            repeats=repeats))
     groups.sort(key=lambda g: (g.id != baseline_group, g.metric.mean))
     return _distinct_labels(groups, references)
+
+
+def _one_run_per_seed(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The group's runs with each seed once (the first listed: workspace, commits, then experiments), and
+    the left-out repeats, each named with the run it repeats. Runs without a seed param all count."""
+    seeded = rows["seed"].notna()
+    repeated = seeded & rows["seed"].duplicated(keep="first")
+    counted_by_seed = rows[seeded & ~repeated].set_index("seed")["name"].to_dict()
+    repeats = {name: counted_by_seed[seed]
+               for name, seed in zip(rows.loc[repeated, "name"], rows.loc[repeated, "seed"])}
+    return rows[~repeated], repeats
 
 
 def _distinct_labels(groups: list[Group], references: dict[str, dict[str, str]]) -> list[Group]:

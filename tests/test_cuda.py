@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from test_config import compose_params
-from test_trainer_resume import RESUME_PARAMS, after_step, assert_same_history
 from tinylm.config import Params, parse_params
 from tinylm.evaluate import token_nll, untrained_model
 from tinylm.generation.sampling import Greedy, Sample, decode
@@ -27,7 +26,8 @@ from tinylm.model import GPT, GPTConfig
 from tinylm.training.checkpoint import read_checkpoint
 from tinylm.training.optimizers import Optimizers
 from tinylm.training.trainer import TrainingInterrupted
-from trainer_helpers import CONFIG, VAL, logged, make_trainer, params, replace, run
+from trainer_helpers import (CONFIG, RESUME_PARAMS, VAL, after_step, assert_same_history, logged, make_trainer, params,
+                             replace, run)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))

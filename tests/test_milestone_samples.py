@@ -24,16 +24,14 @@ from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.training import milestones
 from tinylm.training.milestones import console_lines, is_milestone, sample_milestone
 from tinylm.training.trainer import TrainingInterrupted, train
-from test_trainer_resume import RESUME_PARAMS, after_step, dropout_config
-from test_trainer_stage import workdir  # noqa: F401 - the stage test's working directory fixture
-from trainer_helpers import TOKENIZER_FINGERPRINT, TRAIN, VAL, logged, make_trainer, params, replace
+from trainer_helpers import (METRICS, RESUME_PARAMS, TOKENIZER_FINGERPRINT, TRAIN, VAL, after_step, dropout_config,
+                             logged, make_trainer, replace, workdir)  # noqa: F401 - workdir: the stage fixture
 
 # Byte-level: every id of the trainer tests' token streams (< 61) decodes, and <|endoftext|> is 256.
 TOKENIZER = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
 CONFIG = dataclasses.replace(dropout_config(), vocab_size=TOKENIZER.vocab_size)  # dropout: the RNG matters
 SAMPLING = replace(RESUME_PARAMS, sample_interval=5, sample_prompts=["Once upon a time", "A dog"], sample_tokens=6)
 MILESTONES = [0, 5, 10, 15, 18]  # max_steps 18: the end is a milestone of its own
-METRICS = ("train_loss", "val_loss", "lr", "grad_norm", "tokens")
 
 
 def run_samples(run_dir: Path, train_params=SAMPLING):

@@ -1,7 +1,6 @@
 """Checkpoints: exact resume after SIGINT/SIGTERM or a crash, fingerprint gating, NaN stops, atomic saves."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -14,42 +13,9 @@ import torch
 
 from tinylm.training.checkpoint import (Position, load_checkpoint, read_checkpoint, remove_stale_temp_files,
                                        save_checkpoint)
-from tinylm.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
-from trainer_helpers import CONFIG, logged, make_trainer, params, replace, run
-
-
-RESUME_PARAMS = params(max_steps=18, eval_interval=5, log_interval=1, checkpoint_interval=4)
-METRICS = ("train_loss", "val_loss", "lr", "grad_norm", "tokens")
-
-
-def dropout_config():
-    """Dropout on, so the restored RNG state matters as much as the weights and the batch generator."""
-    return dataclasses.replace(CONFIG, dropout=0.1)
-
-
-def after_step(monkeypatch, at_step: int, action) -> None:
-    """Run `action(trainer)` right after optimizer update number `at_step` (once)."""
-    original = Trainer.train_step
-    fired = []
-
-    def wrapped(self):
-        stats = original(self)
-        if stats.step == at_step and not fired:
-            fired.append(True)
-            action(self)
-        return stats
-
-    monkeypatch.setattr(Trainer, "train_step", wrapped)
-
-
-def assert_same_history(reference_dir, resumed_dir) -> float:
-    largest = 0.0
-    for name in METRICS:
-        expected, got = logged(reference_dir, name), logged(resumed_dir, name)
-        assert got.keys() == expected.keys(), name
-        largest = max(largest, max(abs(expected[s] - got[s]) for s in expected))
-    assert largest <= 1e-4
-    return largest
+from tinylm.training.trainer import TrainingDiverged, TrainingInterrupted
+from trainer_helpers import (RESUME_PARAMS, after_step, assert_same_history, dropout_config, logged,
+                             make_trainer, params, replace, run)
 
 
 @pytest.fixture(scope="module")

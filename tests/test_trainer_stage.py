@@ -8,31 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 
-from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.model import load_model
-from tinylm.corpus.shards import write_shard
-
-MAX_STEPS = 300
-
-
-@pytest.fixture
-def workdir(tmp_path, repo_root, shared_dir):
-    """A stage working directory: params.yaml with a tiny model, data/tokenizer, data/shards."""
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["model"].update(n_layer=1, n_head=2, d_model=16, block_size=32)
-    params["eval"]["stride"] = 32  # must fit in block_size
-    params["train"].update(micro_batch_size=4, max_steps=MAX_STEPS, warmup_steps=5, eval_interval=100,
-                           eval_batches=2, log_interval=1, checkpoint_interval=50)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
-    tokenizer.save(tmp_path / "data" / "tokenizer")
-    text = (shared_dir / "data" / "tinystories" / "TinyStories-valid-sample.txt").read_text()[:40_000]
-    for split, part in (("train", text[:30_000]), ("val", text[30_000:])):
-        ids = np.array(tokenizer.encode(part), dtype=np.uint16)
-        write_shard(tmp_path / "data" / "shards" / f"{split}_0000.bin", ids, tokenizer.vocab_size, tokenizer.fingerprint)
-    return tmp_path
+from trainer_helpers import STAGE_MAX_STEPS as MAX_STEPS, workdir  # noqa: F401 - the fixture
 
 
 def start(workdir, repo_root):

@@ -1,4 +1,5 @@
-"""Tiny training setups shared by the trainer tests (a module, not a conftest: only these tests use it)."""
+"""Tiny training setups shared by the trainer tests (a module, not a conftest: only these tests use it):
+the tiny model and data, the resume harness, and the pretrain stage's working directory."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +7,13 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
 from tinylm.config import TrainParams
+from tinylm.corpus.shards import write_shard
 from tinylm.model import GPTConfig
+from tinylm.tokenizer.bpe import Tokenizer
 from tinylm.training.trainer import Trainer, TrainResult
 
 VOCAB = 61
@@ -67,3 +72,58 @@ def logged(run_dir: Path, name: str) -> dict[int, float]:
 
 def replace(train_params: TrainParams, **changes) -> TrainParams:
     return dataclasses.replace(train_params, **changes)
+
+
+RESUME_PARAMS = params(max_steps=18, eval_interval=5, log_interval=1, checkpoint_interval=4)
+METRICS = ("train_loss", "val_loss", "lr", "grad_norm", "tokens")
+
+
+def dropout_config():
+    """Dropout on, so the restored RNG state matters as much as the weights and the batch generator."""
+    return dataclasses.replace(CONFIG, dropout=0.1)
+
+
+def after_step(monkeypatch, at_step: int, action) -> None:
+    """Run `action(trainer)` right after optimizer update number `at_step` (once)."""
+    original = Trainer.train_step
+    fired = []
+
+    def wrapped(self):
+        stats = original(self)
+        if stats.step == at_step and not fired:
+            fired.append(True)
+            action(self)
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", wrapped)
+
+
+def assert_same_history(reference_dir, resumed_dir) -> float:
+    largest = 0.0
+    for name in METRICS:
+        expected, got = logged(reference_dir, name), logged(resumed_dir, name)
+        assert got.keys() == expected.keys(), name
+        largest = max(largest, max(abs(expected[s] - got[s]) for s in expected))
+    assert largest <= 1e-4
+    return largest
+
+
+STAGE_MAX_STEPS = 300
+
+
+@pytest.fixture
+def workdir(tmp_path, repo_root, shared_dir):
+    """A stage working directory: params.yaml with a tiny model, data/tokenizer, data/shards."""
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["model"].update(n_layer=1, n_head=2, d_model=16, block_size=32)
+    params["eval"]["stride"] = 32  # must fit in block_size
+    params["train"].update(micro_batch_size=4, max_steps=STAGE_MAX_STEPS, warmup_steps=5, eval_interval=100,
+                           eval_batches=2, log_interval=1, checkpoint_interval=50)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+    tokenizer.save(tmp_path / "data" / "tokenizer")
+    text = (shared_dir / "data" / "tinystories" / "TinyStories-valid-sample.txt").read_text()[:40_000]
+    for split, part in (("train", text[:30_000]), ("val", text[30_000:])):
+        ids = np.array(tokenizer.encode(part), dtype=np.uint16)
+        write_shard(tmp_path / "data" / "shards" / f"{split}_0000.bin", ids, tokenizer.vocab_size, tokenizer.fingerprint)
+    return tmp_path

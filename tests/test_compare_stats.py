@@ -1,6 +1,7 @@
 """tinylm compare's statistics and grouping, against independent computations (no DVC runs here)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -137,19 +138,39 @@ def test_unfinished_runs_are_listed_not_averaged_and_n1_gets_no_verdict():
 def test_a_seed_counts_once_in_its_group_and_its_repeats_are_named():
     # "main" and the workspace hold the same run (their stage reports differ, so both are listed); "x1"
     # reran seed 1 in another clone. Two draws of the seed noise, not four: n = 2, not a zero-sd n = 4.
-    runs = [run("workspace", bpb=0.90, train__seed=1337), run("main", bpb=0.90, train__seed=1337),
+    runs = [dataclasses.replace(run("workspace", bpb=0.90, train__seed=1337), kind="workspace"),
+            dataclasses.replace(run("main", bpb=0.90, train__seed=1337), kind="commit"),
             run("x1", bpb=0.92, train__seed=1), run("x1-again", bpb=0.93, train__seed=1),
             run("lr1", bpb=0.80, train__lr=0.002, train__seed=1), run("lr2", bpb=0.81, train__lr=0.002, train__seed=2)]
     table = frame(runs, DECLARED)
     groups = grouping.summarise(table, "reports/eval.json:val_bpb", baseline_group=0, floors=[], references={})
     base = next(g for g in groups if g.baseline)
-    assert base.runs == ["workspace", "x1"] and base.seeds == [1337, 1]
-    assert base.repeats == {"main": "workspace", "x1-again": "x1"}
+    assert sorted(base.runs) == ["main", "x1"] and sorted(base.seeds) == [1, 1337]
+    assert base.repeats == {"workspace": "main", "x1-again": "x1"}  # the branch's name is kept: it means the same everywhere
     assert (base.metric.n, base.metric.mean) == (2, pytest.approx(0.91)) and base.metric.sd > 0.01
     lr = next(g for g in groups if not g.baseline)
     assert lr.repeats == {} and lr.vs_baseline.verdict == "better"
     welch_on_distinct = welch([0.80, 0.81], [0.90, 0.92])
     assert lr.vs_baseline.p_value == pytest.approx(welch_on_distinct.p_value)
+
+
+def test_markdown_tables_end_before_the_lines_under_them():
+    # GitHub's tables run until a blank line: a note right under the last row would be read as a row.
+    import io
+
+    from tinylm.cli.compare import _print_tables
+
+    runs = [run("main", bpb=0.90), run("workspace", bpb=0.90), run("b", bpb=0.91, train__seed=2),
+            run("q", state="queued", train__lr=0.002)]
+    table = frame(runs, DECLARED)
+    groups = grouping.summarise(table, "reports/eval.json:val_bpb", baseline_group=0, floors=[], references={})
+    out = io.StringIO()
+    _print_tables(groups, "reports/eval.json:val_bpb", [{"group": "lr", "state": "queued"}], markdown=True, out=out)
+    lines = out.getvalue().splitlines()
+    assert sum(line.startswith("| group") for line in lines) == 2
+    for line, after in zip(lines, lines[1:]):
+        assert not (line.startswith("|") and after and not after.startswith("|")), (line, after)
+    assert any(line.startswith("† depends") for line in lines) and any("workspace (repeats main)" in line for line in lines)
 
 
 def test_a_noise_floor_grows_across_sessions_and_counts_each_seed_once():

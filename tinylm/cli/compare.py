@@ -133,7 +133,7 @@ def _print_tables(groups, metric: str, pending: list[dict], markdown: bool, out:
     header = ["group", *[f"{m}{' †' if m in LOAD_DEPENDENT else ''}" for m in SUMMARY_METRICS]]
     rows = [[g.label, *[_pm(g.summaries[m], 1 if m in LOAD_DEPENDENT else 4) for m in SUMMARY_METRICS]] for g in groups]
     _emit(header, rows, markdown, out)
-    out.write("† depends on the machine and whatever else ran on it, not only on the config.\n")
+    out.write(("\n" if markdown else "") + "† depends on the machine and whatever else ran on it, not only on the config.\n")
     repeats = [f"{name} (repeats {counted})" for g in groups for name, counted in g.repeats.items()]
     if repeats:
         out.write(f"\nCounted once, a seed already in its group: {', '.join(repeats)}\n")

@@ -34,6 +34,7 @@ SUMMARY_METRICS = {"val_bpb": "reports/eval.json:val_bpb", "val_loss": "reports/
                    "val_ppl": "reports/eval.json:val_ppl", "train_seconds": "reports/train/metrics.json:elapsed_s",
                    "tokens_per_s": "reports/train/metrics.json:tokens_per_s"}
 LOAD_DEPENDENT = frozenset({"train_seconds", "tokens_per_s"})
+KEEP_FIRST = {"commit": 0, "experiment": 1, "workspace": 2}  # which run of a repeated seed counts
 LABEL_PARAMS = 4  # a label lists at most this many differing params, then "+N more"
 
 
@@ -176,8 +177,11 @@ def summarise(runs: pd.DataFrame, metric: str, baseline_group: int, floors: list
 
 
 def _one_run_per_seed(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The group's runs with each seed once (the first listed: workspace, commits, then experiments), and
-    the left-out repeats, each named with the run it repeats. Runs without a seed param all count."""
+    """The group's runs with each seed once, and the left-out repeats, each named with the run it repeats.
+    Of a seed's runs a commit's is kept, then an experiment's, the workspace's last: the name kept is
+    written into the noise floor file, and a branch or experiment name means the same in every clone.
+    Runs without a seed param all count."""
+    rows = rows.sort_values("kind", key=lambda kind: kind.map(KEEP_FIRST), kind="stable")
     seeded = rows["seed"].notna()
     repeated = seeded & rows["seed"].duplicated(keep="first")
     counted_by_seed = rows[seeded & ~repeated].set_index("seed")["name"].to_dict()

@@ -137,6 +137,32 @@ def test_several_processes_repeat_their_error_line_after_torchruns_summary(tmp_p
     assert len(succeeded.stdout.splitlines()) == 2
 
 
+def test_a_stage_writes_its_error_line_in_one_write(monkeypatch):
+    # Ranks share torchrun's stderr pipe: a line written in two pieces (print's text, then its newline)
+    # interleaves with another rank's into "error: Xerror: X", and the launcher repeats that line.
+    from tinylm.errors import run_stage
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stderr", recorder)
+
+    def fail():
+        raise PipelineError("the loss is nan at step 3")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(fail)
+    assert stopped.value.code == 2 and recorder.writes == ["error: the loss is nan at step 3\n"]
+
+
 def inputs_for(world_size: int, **launch) -> dict:
     return fingerprint_inputs(CONFIG, params(**launch), device_type="cpu", precision="fp32", world_size=world_size,
                               tokenizer_fingerprint=TOKENIZER_FINGERPRINT, data_hashes={"train": "t", "val": "v"})

@@ -14,5 +14,9 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One write of the whole line: print() writes the text and its newline separately, and ranks of a
+        # torchrun sharing one stderr pipe then interleave into "error: Xerror: X" (atomic below PIPE_BUF).
+        sys.stderr.flush()
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
         sys.exit(2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import shutil
 import socket
@@ -142,15 +143,14 @@ def test_a_stage_writes_its_error_line_in_one_write(monkeypatch):
     # interleaves with another rank's into "error: Xerror: X", and the launcher repeats that line.
     from tinylm.errors import run_stage
 
-    class Recorder:
+    class Recorder(io.StringIO):
         def __init__(self):
+            super().__init__()
             self.writes = []
 
         def write(self, text):
             self.writes.append(text)
-
-        def flush(self):
-            pass
+            return super().write(text)
 
     recorder = Recorder()
     monkeypatch.setattr(sys, "stderr", recorder)

@@ -151,10 +151,10 @@ def summarise(runs: pd.DataFrame, metric: str, baseline_group: int, floors: list
         raise PipelineError("the baseline group has no finished run yet (queued, running or failed): wait for it, "
                             "or name another with --baseline")
     params_of = {int(g): dict(rows["key"].iloc[0]) for g, rows in done.groupby("group")}
-    base_values = _one_run_per_seed(done[done["group"] == baseline_group])[0][metric].to_list()
+    counted, repeats = _one_run_per_seed(done)
+    base_values = counted.loc[counted["group"] == baseline_group, metric].to_list()
     groups = []
-    for group_id, in_group in done.groupby("group"):
-        rows, repeats = _one_run_per_seed(in_group)
+    for group_id, rows in counted.groupby("group"):
         values = rows[metric].to_list()
         summaries = {name: spread(rows[column].to_list()) if column in rows and rows[column].notna().all() else None
                      for name, column in SUMMARY_METRICS.items()}
@@ -171,23 +171,23 @@ def summarise(runs: pd.DataFrame, metric: str, baseline_group: int, floors: list
                             runs=rows["name"].to_list(), seeds=rows["seed"].to_list(), metric=spread(values),
                             diff=spread(values).mean - spread(base_values).mean,
                             summaries=summaries, vs_baseline=difference, note=note, params=params_of[int(group_id)],
-                            repeats=repeats))
+                            repeats=repeats.get(int(group_id), {})))
     groups.sort(key=lambda g: (g.id != baseline_group, g.metric.mean))
     return _distinct_labels(groups, references)
 
 
-def _one_run_per_seed(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The group's runs with each seed once, and the left-out repeats, each named with the run it repeats.
-    Of a seed's runs a commit's is kept, then an experiment's, the workspace's last: the name kept is
-    written into the noise floor file, and a branch or experiment name means the same in every clone.
-    Runs without a seed param all count."""
-    rows = rows.sort_values("kind", key=lambda kind: kind.map(KEEP_FIRST), kind="stable")
-    seeded = rows["seed"].notna()
-    repeated = seeded & rows["seed"].duplicated(keep="first")
-    counted_by_seed = rows[seeded & ~repeated].set_index("seed")["name"].to_dict()
-    repeats = {name: counted_by_seed[seed]
-               for name, seed in zip(rows.loc[repeated, "name"], rows.loc[repeated, "seed"])}
-    return rows[~repeated], repeats
+def _one_run_per_seed(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, dict[str, str]]]:
+    """The runs with each seed once per group, and per group the left-out repeats, each named with the
+    run it repeats. Of a seed's runs a commit's is kept, then an experiment's, the workspace's last: the
+    name kept is written into the noise floor file, and a branch or experiment name means the same in
+    every clone. Runs without a seed param all count."""
+    runs = runs.sort_values("kind", key=lambda kind: kind.map(KEEP_FIRST), kind="stable")
+    repeated = runs["seed"].notna() & runs.duplicated(["group", "seed"], keep="first")
+    kept = {(row.group, row.seed): row.name for row in runs[~repeated].itertuples()}
+    repeats: dict[int, dict[str, str]] = {}
+    for row in runs[repeated].itertuples():
+        repeats.setdefault(int(row.group), {})[row.name] = kept[(row.group, row.seed)]
+    return runs[~repeated], repeats
 
 
 def _distinct_labels(groups: list[Group], references: dict[str, dict[str, str]]) -> list[Group]:

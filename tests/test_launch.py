@@ -100,7 +100,10 @@ import os, sys
 from tinylm.errors import PipelineError, run_stage
 
 def main():
-    print(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}, pid {os.getpid()}, argv {sys.argv[1:]}")
+    # One write per line: torchrun's processes run unbuffered (PYTHONUNBUFFERED=1) on one shared pipe, and
+    # print() writes the text and its newline separately, so two ranks' lines could interleave.
+    sys.stdout.write(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}, pid {os.getpid()}, "
+                     f"argv {sys.argv[1:]}\\n")
     if sys.argv[1:] == ["fail"]:
         raise PipelineError("the loss is nan at step 3: training diverged. Fix: lower train.lr")
 

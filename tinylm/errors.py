@@ -14,8 +14,8 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as exc:
-        # One write of the whole line: print() writes the text and its newline separately, and ranks of a
-        # torchrun sharing one stderr pipe then interleave into "error: Xerror: X" (atomic below PIPE_BUF).
+        # One write of the whole line: torchrun's processes run unbuffered on one stderr pipe, where print()'s
+        # two writes (the text, then its newline) interleave into "error: Xerror: X" (atomic below PIPE_BUF).
         sys.stderr.flush()
         sys.stderr.write(f"error: {exc}\n")
         sys.stderr.flush()
